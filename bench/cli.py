@@ -1,0 +1,315 @@
+"""The `bench` command: run suites and sweeps on Ray Tune, print leaderboards, open the MLflow UI, list plugins."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from bench import tracking
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Benchmark harness for spike-aware optimizers: the SPAM and Stable-SPAM experiments and your own.",
+)
+console = Console()
+err = Console(stderr=True)
+STATE: dict[str, bool] = {"debug": False}
+
+TrackingOpt = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow tracking URI [default: sqlite:///$BENCH_HOME/mlflow.db, BENCH_HOME=./.bench]")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Ray cluster address (e.g. 127.0.0.1:6379); default: a new local Ray instance")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="override for every trial: task.FIELD=V, hparams.NAME=V, seeds=N or [..], preset=P")]
+OutOpt = Annotated[Path, typer.Option("--out", help="folder for leaderboard tables and plots")]
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one paragraph, exit code 2, no traceback."""
+
+
+def experiment_name(suite: str) -> str:
+    return f"bench-{suite}"
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks and Ray's logs")] = False) -> None:
+    STATE["debug"] = debug
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("optimizers", "tasks", "bench"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
+
+
+def _print_matrix(trials: list[Any]) -> None:
+    from bench.estimate import describe_throughput, estimate
+
+    table = RichTable(title=f"{len(trials)} trial cells")
+    for col in ("table", "column", "row", "seed", "key", "gpus", "PFLOPs", "GPU-h"):
+        table.add_column(col)
+    est = {e.key: e for e in estimate(trials)}
+    for t in trials:
+        e = est[t.key]
+        table.add_row(t.table, t.column + (" " + str(t.point) if t.point else ""), t.row, str(t.spec.seed),
+                      t.key, f"{e.gpus:g}", f"{e.flops / 1e15:.3g}" if e.flops else "n/a",
+                      f"{e.gpu_hours:.3g}" if e.flops else "n/a")
+    console.print(table)
+    unknown = sum(1 for e in est.values() if not e.flops)
+    total = sum(e.gpu_hours for e in est.values())
+    console.print(f"{len(est)} distinct trials; estimated {total:.2f} GPU-hours at {describe_throughput()}"
+                  + (f"; {unknown} trials state no FLOP count (CPU-bound tasks), not included" if unknown else ""))
+
+
+def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_concurrent: int,
+         out: Path, command: str) -> int:
+    import tasks
+    from bench import leaderboard
+    from bench.progress import TrialProgress
+    from bench.runner import RunOptions, run_specs
+    from bench.suite import unique_specs
+
+    specs = unique_specs(trials)
+    resources = {}
+    for s in specs:
+        task = tasks.get_task(s.task)
+        r = task.resources(task.Config(**s.config))
+        resources[s.key()] = {"cpus": r.cpus, "gpus": r.gpus}
+    opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"])
+    with TrialProgress(console, specs) as progress:
+        summary = run_specs(specs, resources, experiment_name(suite_name), opts,
+                            {"bench.suite": suite_name, "bench.command": command}, progress)
+    console.print(f"[bold]{suite_name}[/]: {len(summary.started)} trials run, {len(summary.skipped)} already done "
+                  f"(tracking: {uri}, parent run {summary.parent_run_id})")
+    counts: dict[str, int] = {}
+    for s in summary.statuses.values():
+        counts[s] = counts.get(s, 0) + 1
+    if counts:
+        console.print("statuses: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    text, files = leaderboard.write(trials, uri, experiment_name(suite_name), out / suite_name,
+                                    parent_run_id=summary.parent_run_id)
+    console.print(text)
+    console.print(f"leaderboard written to {out / suite_name}/ ({len(files)} files)")
+    return 1 if counts.get("failed") else 0
+
+
+@app.command()
+def run(
+    suite: Annotated[str, typer.Option("--suite", "-s", help="suite name (see `bench list suites`) or a YAML path")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the trial matrix and GPU-hours; start nothing")]
+    = False,
+    address: AddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=0, help="0: as resources allow")] = 0,
+    set_: SetOpt = None,
+    out: OutOpt = Path("results"),
+) -> None:
+    """Run every trial of a suite that is not finished yet, then print and save its leaderboard."""
+    from bench.suite import load_trials, parse_sets
+
+    s, trials = load_trials(suite, parse_sets(set_ or []))
+    if dry_run:
+        _print_matrix(trials)
+        return
+    raise typer.Exit(_run(s.name, trials, _uri(tracking_uri), address, max_concurrent, out, " ".join(sys.argv)))
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"{what} must list positive numbers, got {text!r}")
+    return values
+
+
+@app.command()
+def sweep(
+    task: Annotated[str, typer.Option("--task", help="task name (see `bench list tasks`)")],
+    optimizer: Annotated[str, typer.Option("--optimizer", help="one or more optimizer names, comma-separated")],
+    lr: Annotated[str, typer.Option("--lr", help="learning rates, comma-separated")] = "1e-4,3e-4,1e-3",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds for the best lr of each optimizer")] = 3,
+    preset: Annotated[str, typer.Option("--preset", help="task preset")] = "smoke",
+    name: Annotated[str | None, typer.Option("--name", help="name of the sweep [default: sweep-TASK-PRESET]")]
+    = None,
+    address: AddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=0)] = 0,
+    set_: SetOpt = None,
+    out: OutOpt = Path("results"),
+) -> None:
+    """Learning-rate grid (seed 0), then the best lr of each optimizer re-run over N seeds."""
+    from bench.suite import Experiment, Suite, apply_sets, expand, parse_sets
+
+    lrs = _floats(lr, "--lr")
+    opts = [o.strip() for o in optimizer.split(",") if o.strip()]
+    sweep_name = name or f"sweep-{task}-{preset}"
+    sets = parse_sets(set_ or [])
+    grid = Suite(name=sweep_name, experiments=[Experiment(
+        task=task, preset=preset, table=f"{sweep_name}-grid", column=preset, hparams={"lr": lrs},
+        optimizers=opts, seeds=[0])])
+    grid_trials = expand(apply_sets(grid, sets))
+    uri = _uri(tracking_uri)
+    code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv))
+    best = _best_lrs(grid_trials, uri, experiment_name(sweep_name))
+    console.print("best learning rates: " + ", ".join(f"{o}={v}" for o, v in best.items()))
+    if not best:
+        raise UserError("every grid trial failed or diverged: no best learning rate to re-run")
+    final = Suite(name=sweep_name, experiments=[
+        Experiment(task=task, preset=preset, table=f"{sweep_name}-best", column=f"{preset} lr={lr_}",
+                   hparams={"lr": lr_}, optimizers=[o], seeds=seeds) for o, lr_ in best.items()])
+    trials = grid_trials + expand(apply_sets(final, sets))
+    code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv)))
+    raise typer.Exit(code)
+
+
+def _best_lrs(trials: list[Any], uri: str, experiment: str) -> dict[str, float]:
+    import tasks
+
+    exp = tracking.client(uri).get_experiment_by_name(experiment)
+    runs = tracking.trial_runs(uri, exp.experiment_id)
+    best: dict[str, tuple[float, float]] = {}
+    for t in trials:
+        task = tasks.get_task(t.spec.task)
+        run = runs.get(t.key)
+        if not run or run.data.tags.get(tracking.STATUS_TAG) != "finished":
+            continue
+        value = run.data.metrics.get(f"final.{task.metric}")
+        if value is None:
+            continue
+        score = value if task.mode == "min" else -value
+        if t.spec.optimizer not in best or score < best[t.spec.optimizer][0]:
+            best[t.spec.optimizer] = (score, t.spec.hparams["lr"])
+    return {o: v[1] for o, v in best.items()}
+
+
+class Format(str, Enum):
+    md = "md"
+    csv = "csv"
+
+
+@app.command(name="leaderboard")
+def leaderboard_cmd(
+    suite: Annotated[str | None, typer.Option("--suite", "-s", help="suite [default: every suite with runs]")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="terminal output format")] = Format.md,
+    tracking_uri: TrackingOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = Path("results"),
+) -> None:
+    """Comparison tables (ours beside the papers') and plots from the tracking store."""
+    from bench import leaderboard
+    from bench.suite import available, load_trials, parse_sets
+
+    uri = _uri(tracking_uri)
+    tracking.check_reachable(uri)
+    names = [suite] if suite else [
+        n for n in available() if _store_has(uri, experiment_name(n))
+    ]
+    if not names:
+        raise UserError(f"no suite has runs in {uri}; run one first, e.g. `bench run --suite smoke`")
+    for n in names:
+        s, trials = load_trials(n, parse_sets(set_ or []))
+        if not _store_has(uri, experiment_name(s.name)):
+            raise UserError(f"suite {s.name!r} has no runs in {uri}; run it first: bench run --suite {n}")
+        text, files = leaderboard.write(trials, uri, experiment_name(s.name), out / s.name, fmt=fmt.value)
+        console.print(text)
+        console.print(f"written to {out / s.name}/ ({len(files)} files)")
+
+
+def _store_has(uri: str, experiment: str) -> bool:
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return False
+    return tracking.client(uri).get_experiment_by_name(experiment) is not None
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingOpt = None,
+    host: Annotated[str, typer.Option("--host", help="interface to bind (loopback unless you say otherwise)")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5000,
+) -> None:
+    """Start the MLflow UI on the tracking store (127.0.0.1:5000 by default)."""
+    uri = _uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise UserError(f"no tracking store at {uri}; run a suite first, e.g. `bench run --suite smoke`")
+    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+class What(str, Enum):
+    tasks = "tasks"
+    optimizers = "optimizers"
+    suites = "suites"
+
+
+@app.command(name="list")
+def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None:
+    """List the registered tasks, optimizers or suites."""
+    if what is What.tasks:
+        import tasks
+
+        for name in tasks.available():
+            t = tasks.get_task(name)
+            console.print(f"{name}: metric {t.metric} ({t.mode}); presets: {', '.join(t.presets)}")
+    elif what is What.optimizers:
+        import optimizers
+
+        for name in optimizers.available():
+            spec = optimizers.spec(name)
+            console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}")
+        console.print("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
+    else:
+        from bench.suite import available, load
+
+        for name in available():
+            s, _, _ = load(name)
+            console.print(f"{name}: {s.description.strip().splitlines()[0] if s.description else ''}")
+
+
+def main() -> None:
+    """Console entry point: known problems become one clear paragraph and exit code 2 (tracebacks with --debug)."""
+    from pydantic import ValidationError
+
+    from bench.runner import ClusterError
+    from bench.suite import SuiteError
+
+    try:
+        app(standalone_mode=False)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except (SuiteError, UserError, ClusterError, ConnectionError, KeyError, ValidationError) as exc:
+        if STATE["debug"]:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        err.print(f"[bold red]error:[/] {msg}", highlight=False)
+        sys.exit(2)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

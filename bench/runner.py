@@ -1,0 +1,219 @@
+"""Orchestration: trials not yet finished in the MLflow store run as Ray Tune trials, each logging to its child run.
+
+Resuming is by content hash: a trial whose child run says `finished` or `diverged` is skipped; any other existing
+run for the key is adopted by the new parent run and its trial resumes from the checkpoint in its trial folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import tracking
+from bench.context import HarnessContext
+from bench.spec import TrialSpec
+
+log = logging.getLogger(__name__)
+
+# Offline, loopback-only defaults for Ray; set before Ray is imported.
+for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0",
+               "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster or the tracking store cannot serve this run (raised before any trial starts)."""
+
+
+@dataclass
+class RunOptions:
+    tracking_uri: str
+    address: str | None = None
+    max_concurrent: int = 0  # 0: as many as resources allow
+    max_failures: int = 2  # retries of a crashed trial (from its last checkpoint)
+    debug: bool = False
+
+
+@dataclass
+class RunSummary:
+    parent_run_id: str
+    experiment_id: str
+    started: list[str] = field(default_factory=list)  # trial keys run by this invocation
+    skipped: list[str] = field(default_factory=list)  # trial keys already done in the store
+    statuses: dict[str, str] = field(default_factory=dict)  # key -> finished / diverged / failed
+
+
+def trial_dir(key: str) -> Path:
+    return tracking.home() / "trials" / key
+
+
+def _device(gpus: float) -> str:
+    import torch
+
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def run_trial(trial: dict[str, Any], tune_report: bool = True) -> dict[str, Any]:
+    """Run one trial to its end; the body of every Ray Tune trial. Returns status and final metrics."""
+    import tasks
+    from tasks.base import Diverged
+
+    spec = TrialSpec(**trial["spec"])
+    uri, run_id = trial["tracking_uri"], trial["run_id"]
+    ctx = HarnessContext(uri, run_id, Path(trial["trial_dir"]), spec.seed, _device(trial["gpus"]),
+                         tune_report=tune_report)
+    c = tracking.client(uri)
+    tracking.retry(lambda: c.set_tag(run_id, tracking.STATUS_TAG, "running"))
+    ctx.set_tags(**tracking.device_tags(ctx.device))
+    task = tasks.get_task(spec.task)
+    try:
+        final = task.run(task.Config(**spec.config), spec.optimizer, spec.hparams, ctx)
+        status, reason = "finished", ""
+    except Diverged as exc:
+        final, status, reason = dict(ctx.last_metrics), "diverged", str(exc)
+    except BaseException as exc:
+        ctx.flush()
+        ctx.set_tags(**{tracking.STATUS_TAG: "failed", "bench.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracking.retry(lambda: c.log_text(run_id, traceback.format_exc(), "error.txt"))
+        raise
+    ctx.flush()
+    ctx.upload_artifacts()
+    finals = {f"final.{k}": float(v) for k, v in final.items() if isinstance(v, (int, float))}
+    finals["diverged"] = float(status == "diverged")
+    tracking.log_metrics(uri, run_id, [(int(ctx.last_metrics.get("step", 0)), k, v, 0) for k, v in finals.items()])
+    ctx.set_tags(**{tracking.STATUS_TAG: status, **({"bench.diverged_reason": reason[:5000]} if reason else {})})
+    tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
+    if tune_report:
+        from ray import tune
+
+        tune.report({**{k.replace("/", "."): v for k, v in finals.items()}, "bench_status": status})
+    return {"status": status, **finals}
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at a Ray address (ray.init would retry for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"could not connect to Ray at {address}: nothing answers there ({exc}). Start the head "
+                           "node with `ray start --head --node-ip-address=127.0.0.1` or leave out --address.") from None
+
+
+def _init_ray(opts: RunOptions) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if opts.address:
+        check_ray_address(opts.address)
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.debug,
+                              "logging_level": logging.INFO if opts.debug else logging.WARNING}
+    try:
+        if opts.address:
+            ray.init(address=opts.address, **kwargs)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", _temp_dir=str(tracking.home() / "ray"), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or its own types
+        raise ClusterError(f"could not connect to Ray at {opts.address or 'a new local instance'}: {exc}") from None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and tracking.is_local_uri(opts.tracking_uri):
+        ray.shutdown()
+        raise ClusterError(
+            f"the Ray cluster has {len(nodes)} nodes, but the tracking store {opts.tracking_uri} is a local file that "
+            "trials on other nodes cannot write. Start a tracking server (e.g. `mlflow server --host 127.0.0.1`) "
+            "reachable from every node and pass --tracking-uri http://HOST:PORT."
+        )
+
+
+def prepare(specs: list[TrialSpec], experiment: str, opts: RunOptions) -> tuple[str, dict[str, Any]]:
+    """Check the store answers and look up what is already done (writes nothing)."""
+    tracking.check_reachable(opts.tracking_uri)
+    tracking.prepare_store(opts.tracking_uri)
+    exp_id = tracking.experiment_id(opts.tracking_uri, experiment)
+    return exp_id, tracking.trial_runs(opts.tracking_uri, exp_id)
+
+
+def run_specs(specs: list[TrialSpec], resources: dict[str, dict[str, float]], experiment: str, opts: RunOptions,
+              parent_tags: dict[str, str], progress: Any = None) -> RunSummary:
+    """Run every spec not finished yet under one new parent run. `resources[key]` = {"cpus": .., "gpus": ..}."""
+    if opts.address:  # a cluster that does not answer fails before anything is written
+        _init_ray(opts)
+    exp_id, existing = prepare(specs, experiment, opts)
+    uri = opts.tracking_uri
+    done = {k for k, r in existing.items() if r.data.tags.get(tracking.STATUS_TAG) in tracking.DONE_STATUSES}
+    todo = [s for s in specs if s.key() not in done]
+    if todo:
+        _init_ray(opts)
+    tracking.close_stale_parents(uri, exp_id)
+    parent = tracking.start_parent(uri, exp_id, parent_tags.get("bench.suite", experiment), parent_tags)
+    summary = RunSummary(parent, exp_id, skipped=[s.key() for s in specs if s.key() in done])
+    status = "FAILED"
+    try:
+        if todo:
+            summary.statuses = _tune(todo, existing, resources, exp_id, parent, opts, progress)
+            summary.started = [s.key() for s in todo]
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.retry(lambda: tracking.client(uri).set_terminated(parent, status=status))
+    return summary
+
+
+def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, dict[str, float]], exp_id: str,
+          parent: str, opts: RunOptions, progress: Any) -> dict[str, str]:
+    from ray import tune
+
+    uri = opts.tracking_uri
+    trials = []
+    for spec in todo:
+        key = spec.key()
+        if key in existing:
+            run_id = existing[key].info.run_id
+            tracking.adopt(uri, run_id, parent)
+        else:
+            run_id = tracking.create_trial_run(uri, exp_id, parent, spec, tracking.environment_tags())
+        d = trial_dir(key)
+        d.mkdir(parents=True, exist_ok=True)
+        trials.append({"spec": spec.model_dump(), "run_id": run_id, "tracking_uri": uri, "trial_dir": str(d),
+                       "key": key, **resources[key]})
+
+    def placement(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        t = config["trial"]
+        bundle = {"CPU": t["cpus"]} | ({"GPU": t["gpus"]} if t["gpus"] else {})
+        return tune.PlacementGroupFactory([bundle])
+
+    storage = tracking.home() / "ray_results"
+    name = f"{exp_id}-{parent[:8]}"
+    tuner = tune.Tuner(
+        tune.with_resources(_tune_trainable, placement),
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=opts.max_concurrent or None, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            callbacks=[progress] if progress is not None else None,
+        ),
+    )
+    grid = tuner.fit()
+    statuses = {}
+    for result in grid:
+        key = result.config["trial"]["key"]
+        statuses[key] = "failed" if result.error else (result.metrics or {}).get("bench_status", "failed")
+    shutil.rmtree(storage / name, ignore_errors=True)
+    return statuses
+
+
+def _tune_trainable(config: dict[str, Any]) -> None:
+    run_trial(config["trial"])

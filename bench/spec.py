@@ -1,0 +1,37 @@
+"""Trial specifications: what one trial runs, and its content hash (the trial's identity across invocations)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrialSpec(BaseModel):
+    """task + resolved task config + optimizer + hyperparameters + seed.
+
+    `config` holds the task's full resolved config (preset and overrides applied), so two specs that train the same
+    thing have the same key whatever preset name or defaults led to them. `preset` is kept for display only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    task: str
+    preset: str
+    config: dict[str, Any]
+    optimizer: str
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+    def canonical(self) -> str:
+        body = {k: getattr(self, k) for k in ("task", "config", "optimizer", "hparams", "seed")}
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+
+    def key(self) -> str:
+        """Content hash: equal for trials that would train the same way."""
+        return hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        hp = ",".join(f"{k}={v}" for k, v in sorted(self.hparams.items()))
+        return f"{self.task}/{self.preset} {self.optimizer}({hp}) seed={self.seed}"

@@ -1,0 +1,187 @@
+"""MLflow tracking: where the store lives, one parent run per invocation, one child run per trial (keyed by hash)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench.spec import TrialSpec
+
+KEY_TAG = "bench.trial_key"
+STATUS_TAG = "bench.status"
+DONE_STATUSES = ("finished", "diverged")
+PARENT_TAG = "mlflow.parentRunId"
+
+T = TypeVar("T")
+
+
+def home() -> Path:
+    """The harness's working folder: `$BENCH_HOME`, default `./.bench` (MLflow store, checkpoints, Ray logs)."""
+    return Path(os.environ.get("BENCH_HOME", ".bench")).resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for stores that only one machine can write: SQLite files and plain folders."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise ConnectionError when a tracking server does not answer (before any trial starts)."""
+    if is_local_uri(uri):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)  # noqa: S310 - the user's own server
+    except OSError as exc:
+        raise ConnectionError(f"tracking server {uri} does not answer ({exc})") from None
+
+
+def retry(fn: Callable[[], T], attempts: int = 8) -> T:
+    """Run a store call, retrying the transient 'database is locked' errors of SQLite under concurrent writers."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps SQLAlchemy errors in its own types
+            if i == attempts - 1 or "locked" not in str(exc).lower():
+                raise
+            time.sleep(0.2 * 2**i)
+    raise AssertionError("unreachable")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare_store(uri: str) -> None:
+    """Create a local SQLite store's folder (and schema) in the driver, before trials race to do it."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name)
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment_tags() -> dict[str, str]:
+    """Versions and hardware, recorded on every run."""
+    tags = {"bench.git_commit": git_commit(), "bench.python": platform.python_version(),
+            "bench.host_cpu": platform.machine()}
+    for pkg in ("torch", "transformers", "ray", "mlflow", "stable-baselines3", "neuralforecast"):
+        try:
+            tags[f"bench.version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def device_tags(device: str) -> dict[str, str]:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return {"bench.device": torch.cuda.get_device_name(), "bench.cuda": str(torch.version.cuda)}
+    return {"bench.device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"}
+
+
+def start_parent(uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
+    run = client(uri).create_run(exp_id, run_name=name, tags={**environment_tags(), **tags, "bench.role": "parent"})
+    return run.info.run_id
+
+
+def close_stale_parents(uri: str, exp_id: str) -> None:
+    """Parent runs left RUNNING by a killed driver are closed as KILLED (their trials are adopted by the new one)."""
+    c = client(uri)
+    for run in c.search_runs([exp_id], filter_string="tags.`bench.role` = 'parent' and attributes.status = 'RUNNING'"):
+        c.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
+        c.set_terminated(run.info.run_id, status="KILLED")
+
+
+def trial_runs(uri: str, exp_id: str) -> dict[str, Any]:
+    """Existing child runs of an experiment by trial key (the newest one when a key appears twice)."""
+    runs: dict[str, Any] = {}
+    token = None
+    c = client(uri)
+    while True:
+        page = c.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` != ''", max_results=5000, page_token=token,
+                             order_by=["attributes.start_time ASC"])
+        for run in page:
+            runs[run.data.tags[KEY_TAG]] = run
+        token = page.token
+        if not token:
+            return runs
+
+
+def flat_params(prefix: str, values: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in values.items():
+        text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        out[f"{prefix}{k}"] = text[:6000]
+    return out
+
+
+def create_trial_run(uri: str, exp_id: str, parent_id: str, spec: TrialSpec, tags: dict[str, str]) -> str:
+    c = client(uri)
+    run = c.create_run(
+        exp_id,
+        run_name=f"{spec.task}:{spec.optimizer}:s{spec.seed}:{spec.key()[:6]}",
+        tags={
+            PARENT_TAG: parent_id, KEY_TAG: spec.key(), STATUS_TAG: "pending", "bench.role": "trial",
+            "bench.task": spec.task, "bench.preset": spec.preset, "bench.optimizer": spec.optimizer,
+            "bench.seed": str(spec.seed), **tags,
+        },
+    )
+    params = {"task": spec.task, "preset": spec.preset, "optimizer": spec.optimizer, "seed": str(spec.seed)}
+    params |= flat_params("task.", spec.config) | flat_params("hparams.", spec.hparams)
+    log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        retry(lambda chunk=items[i : i + 100]: client(uri).log_batch(run_id, params=chunk))
+
+
+def log_metrics(uri: str, run_id: str, points: Iterable[tuple[int, str, float, int]]) -> None:
+    """Write (step, key, value, timestamp_ms) points in batches."""
+    from mlflow.entities import Metric
+
+    items = [Metric(k, v, ts, step) for step, k, v, ts in points]
+    for i in range(0, len(items), 1000):
+        retry(lambda chunk=items[i : i + 1000]: client(uri).log_batch(run_id, metrics=chunk))
+
+
+def adopt(uri: str, run_id: str, parent_id: str) -> None:
+    """Attach an existing unfinished trial run to the current parent run."""
+    retry(lambda: client(uri).set_tag(run_id, PARENT_TAG, parent_id))

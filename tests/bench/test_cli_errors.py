@@ -1,0 +1,63 @@
+"""Bad input fails fast: a clear one-paragraph error, exit code 2, no traceback, nothing written, before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+
+GOOD = """\
+name: t
+experiments:
+  - task: llm_pretrain
+    preset: smoke
+    hparams: {lr: 1e-3}
+    optimizers: [adamw]
+"""
+
+CASES = {
+    "unknown suite": (["run", "--suite", "nope"], None, "unknown suite 'nope'; valid suites:"),
+    "malformed yaml": (["run", "--suite", "{f}"], "name: t\nexperiments: [\n", "malformed YAML"),
+    "unknown task": (["run", "--suite", "{f}"], GOOD.replace("llm_pretrain", "nope"), "unknown task 'nope'"),
+    "unknown optimizer": (["run", "--suite", "{f}"], GOOD.replace("[adamw]", "[adamz]"), "unknown optimizer 'adamz'"),
+    "unknown hparam": (["run", "--suite", "{f}"], GOOD.replace("lr: 1e-3", "lrr: 1e-3"), "no hyperparameter 'lrr'"),
+    "negative lr": (["run", "--suite", "{f}"], GOOD.replace("lr: 1e-3", "lr: -1e-3"), "rejects"),
+    "wrong type": (["run", "--suite", "{f}"], GOOD + "    seeds: abc\n", "seeds"),
+    "bad override": (["run", "--suite", "{f}", "--set", "task.steps=-3"], GOOD, "steps"),
+    "bad set syntax": (["run", "--suite", "smoke", "--set", "steps"], None, "bad --set"),
+    "sweep bad lr": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--lr", "abc"], None, "--lr"),
+    "sweep unknown task": (["sweep", "--task", "nope", "--optimizer", "adamw"], None, "unknown task 'nope'"),
+    "unreachable tracking server": (["run", "--suite", "{f}", "--tracking-uri", "http://127.0.0.1:9"], GOOD,
+                                    "does not answer"),
+    "ray address not answering": (["run", "--suite", "{f}", "--address", "127.0.0.1:9"], GOOD,
+                                  "could not connect to Ray"),
+    "leaderboard without runs": (["leaderboard"], None, "no suite has runs"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(bench, case):
+    args, text, needle = CASES[case]
+    if text is not None:
+        (bench.root / "bad.yaml").write_text(text)
+    args = [a.replace("{f}", str(bench.root / "bad.yaml")) for a in args]
+    before = sorted(p.name for p in bench.root.iterdir())
+    result = bench(*args, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert sorted(p.name for p in bench.root.iterdir()) == before  # nothing written: no store, no results
+
+
+def test_debug_shows_traceback(bench):
+    result = bench("--debug", "run", "--suite", "nope")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_list_and_dry_run(bench):
+    tasks = bench("list", "tasks")
+    assert tasks.returncode == 0 and "llm_pretrain" in tasks.stdout
+    opts = bench("list", "optimizers")
+    assert opts.returncode == 0 and "stable_spam" in opts.stdout and "spam" in opts.stdout
+    dry = bench("run", "--suite", "paper", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "GPU-hours" in dry.stdout and "llama_1b" in dry.stdout
+    assert not (bench.root / ".bench").exists() and not (bench.root / "results").exists()

@@ -1,0 +1,176 @@
+"""End to end with real Ray Tune and a real MLflow store: the smoke suite, resuming, divergence, the UI, a cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import Bench
+
+pytestmark = pytest.mark.slow
+
+
+def trial_runs(uri: str, experiment: str) -> list:
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], filter_string="tags.`bench.role` = 'trial'")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Bench, subprocess.CompletedProcess]:
+    b = Bench(tmp_path_factory.mktemp("smoke"))
+    return b, b("run", "--suite", "smoke")
+
+
+def test_smoke_suite_end_to_end(smoke):
+    b, result = smoke
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = trial_runs(b.uri, "bench-smoke")
+    assert {r.data.tags["bench.optimizer"] for r in runs} == {"adamw", "spam", "stable_spam"}
+    c = MlflowClient(b.uri)
+    for r in runs:
+        assert r.data.tags["bench.status"] == "finished"
+        assert r.data.tags["mlflow.parentRunId"]
+        assert r.data.tags["bench.git_commit"] and r.data.tags["bench.version.torch"] and r.data.tags["bench.device"]
+        assert r.data.params["optimizer"] == r.data.tags["bench.optimizer"]
+        assert any(k.startswith("opt.") for k in r.data.params)  # resolved optimizer hparams at step 0
+        assert r.data.metrics["final.val_perplexity"] > 1
+        loss = c.get_metric_history(r.info.run_id, "loss")
+        assert len(loss) >= 3 and loss[-1].value < loss[0].value
+    parent = c.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    assert any(a.path == "leaderboard" for a in c.list_artifacts(parent.info.run_id))
+    board = (b.root / "results" / "smoke" / "llm_pretrain_bf16.md").read_text()
+    for row in ("adam", "spam", "stable_spam"):
+        assert f"| {row} |" in board
+    assert (b.root / "results" / "smoke" / "llm_pretrain_bf16_curves.png").stat().st_size > 1000
+    assert "llm_pretrain_bf16" in result.stdout  # the leaderboard is printed at the end
+
+
+def test_second_run_starts_no_trial(smoke):
+    b, _ = smoke
+    before = {r.info.run_id for r in trial_runs(b.uri, "bench-smoke")}
+    again = b("run", "--suite", "smoke")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 trials run, 3 already done" in " ".join(again.stdout.split())
+    assert {r.info.run_id for r in trial_runs(b.uri, "bench-smoke")} == before
+    board = b("leaderboard", "--suite", "smoke", "--format", "csv")
+    assert board.returncode == 0 and "optimizer," in board.stdout
+
+
+def test_ui_shows_trial_runs(smoke, tmp_path):
+    b, _ = smoke
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (setup.sh --dev installs it)")
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "bench", "ui", "--port", str(port)], cwd=b.root, env=b.env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 90)
+        exp = MlflowClient(b.uri).get_experiment_by_name("bench-smoke").experiment_id
+        url = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1600,1000"]
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        shot = Path(os.environ.get("BENCH_TEST_ARTIFACTS", tmp_path)) / "mlflow_ui.png"
+        subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    finally:
+        ui.terminate()
+        ui.wait(30)
+    for r in trial_runs(b.uri, "bench-smoke"):
+        assert r.info.run_name in dom
+    assert "final.val_perplexity" in dom or "val_perplexity" in dom
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+DIVERGE = """\
+name: diverge
+experiments:
+  - task: llm_pretrain
+    preset: smoke
+    table: divergence
+    overrides: {steps: 12, inject_nan_at: [6, null]}
+    hparams: {lr: 1e-3}
+    optimizers: [adamw]
+"""
+
+
+def test_divergence_is_recorded_and_suite_completes(bench):
+    (bench.root / "diverge.yaml").write_text(DIVERGE)
+    result = bench("run", "--suite", str(bench.root / "diverge.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = trial_runs(bench.uri, "bench-diverge")
+    status = {r.data.params["task.inject_nan_at"]: r for r in runs}
+    assert status["6"].data.tags["bench.status"] == "diverged"
+    assert "non-finite" in status["6"].data.tags["bench.diverged_reason"]
+    assert status["6"].data.metrics["diverged"] == 1.0
+    assert status["None"].data.tags["bench.status"] == "finished"
+    board = (bench.root / "results" / "diverge" / "divergence.md").read_text()
+    assert "diverged" in board
+    again = bench("run", "--suite", str(bench.root / "diverge.yaml"))
+    assert "0 trials run, 2 already done" in " ".join(again.stdout.split())  # a diverged trial is not re-run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def test_cluster_mode(bench):
+    """A head and a worker node started with `ray start` on 127.0.0.1; `bench run --address` against them."""
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    port = free_port()
+    env = {**bench.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    tmp = bench.root / "ray"
+    head = [*ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+            "--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats"]
+    worker = [*ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+    server_port = free_port()
+    server = None
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
+        (bench.root / "one.yaml").write_text(DIVERGE.replace("inject_nan_at: [6, null]", "inject_nan_at: null")
+                                             .replace("name: diverge", "name: cluster"))
+        refused = bench("run", "--suite", str(bench.root / "one.yaml"), "--address", f"127.0.0.1:{port}")
+        assert refused.returncode == 2 and "tracking server" in refused.stderr, refused.stderr
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(server_port),
+             "--backend-store-uri", f"sqlite:///{bench.root / 'server.db'}", "--workers", "1"],
+            env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        uri = f"http://127.0.0.1:{server_port}"
+        wait_http(uri + "/health", 90)
+        ok = bench("run", "--suite", str(bench.root / "one.yaml"), "--address", f"127.0.0.1:{port}",
+                   "--tracking-uri", uri)
+        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+        runs = trial_runs(uri, "bench-cluster")
+        assert len(runs) == 1 and runs[0].data.tags["bench.status"] == "finished"
+    finally:
+        if server:
+            server.terminate()
+            server.wait(30)
+        subprocess.run([*ray, "stop", "--force"], env=env, capture_output=True, timeout=120)

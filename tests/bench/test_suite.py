@@ -1,0 +1,112 @@
+"""Suite schema, grid expansion, trial identity and command-line overrides (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.spec import TrialSpec
+from bench.suite import SuiteError, apply_sets, available, load, load_trials, parse_sets, unique_specs
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """\
+name: t
+experiments:
+  - task: llm_pretrain
+    preset: smoke
+    table: tab
+    column: col
+    overrides: {steps: 8}
+    hparams: {lr: [1e-3, 3e-3]}
+    optimizers:
+      - adamw
+      - {name: spam, label: SPAM, hparams: {reset_interval: 4, warmup_steps: 2}}
+    seeds: 2
+"""
+
+
+def test_shipped_suites_validate():
+    assert {"smoke", "paper"} <= set(available())
+    for name in available():
+        suite, trials = load_trials(name)
+        assert trials, name
+        assert len({t.key for t in trials}) == len(unique_specs(trials))
+
+
+def test_grid_expands_lists_and_seed_counts(tmp_path):
+    _, trials = load_trials(write(tmp_path, GOOD))
+    assert len(trials) == 2 * 2 * 2  # lrs x optimizers x seeds
+    assert {t.row for t in trials} == {"adamw", "SPAM"}
+    assert {t.point["lr"] for t in trials} == {1e-3, 3e-3}  # "1e-3" (no dot) is read as a float
+    assert all(t.spec.config["steps"] == 8 for t in trials)
+    assert len({t.key for t in trials}) == 8
+
+
+def test_key_is_content_hash_of_resolved_trial():
+    a = TrialSpec(task="x", preset="p1", config={"a": 1, "b": 2}, optimizer="adamw", hparams={"lr": 1e-3}, seed=0)
+    b = TrialSpec(task="x", preset="p2", config={"b": 2, "a": 1}, optimizer="adamw", hparams={"lr": 1e-3}, seed=0)
+    assert a.key() == b.key()  # preset name and key order do not matter; the resolved content does
+    assert a.key() != a.model_copy(update={"seed": 1}).key()
+    assert a.key() != a.model_copy(update={"hparams": {"lr": 2e-3}}).key()
+
+
+def test_same_trial_in_two_tables_runs_once(tmp_path):
+    text = GOOD + GOOD.split("experiments:\n", 1)[1].replace("table: tab", "table: other")
+    _, trials = load_trials(write(tmp_path, text))
+    assert len(trials) == 16 and len(unique_specs(trials)) == 8
+
+
+def test_sets_override_every_trial(tmp_path):
+    sets = parse_sets(["task.steps=5", "hparams.lr=2e-3", "seeds=[7]"])
+    _, trials = load_trials(write(tmp_path, GOOD), sets)
+    assert len(trials) == 2
+    assert all(t.spec.config["steps"] == 5 and t.spec.hparams["lr"] == 2e-3 and t.spec.seed == 7 for t in trials)
+
+
+@pytest.mark.parametrize("bad", ["steps=5", "task=1", "foo.bar=1", "task.steps"])
+def test_bad_set_is_rejected(bad):
+    with pytest.raises(SuiteError, match="bad --set"):
+        parse_sets([bad])
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("name: t\nexperiments: [\n", ":3: malformed YAML"),
+        ("- a\n- b\n", "a suite must be a mapping"),
+        (GOOD.replace("    seeds: 2", "    seed: 2"), ":12: experiments.0.seed: Extra inputs are not permitted"),
+        (GOOD.replace("seeds: 2", "seeds: many"), ":12: experiments.0.seeds"),
+        (GOOD.replace("task: llm_pretrain", "task: nope"), ":3: experiments.0.task: unknown task 'nope'; valid tasks:"),
+        (GOOD.replace("preset: smoke", "preset: huge"), ":4: experiments.0.preset: unknown preset 'huge'"),
+        (GOOD.replace("      - adamw", "      - adamz"), ":10: experiments.0.optimizers.0: unknown optimizer 'adamz'"),
+        (GOOD.replace("reset_interval: 4", "reset_intervl: 4"), "has no hyperparameter 'reset_intervl'; valid:"),
+        (GOOD.replace("[1e-3, 3e-3]", "-1.0"), "rejects"),
+        (GOOD.replace("steps: 8", "steps: eight"), ":7: experiments.0.overrides.steps"),
+        (GOOD.replace("steps: 8", "stepz: 8"), ":7: experiments.0.overrides.stepz: Extra inputs are not permitted"),
+        (GOOD.replace("name: t\n", ""), "name: Field required"),
+    ],
+)
+def test_bad_suites_name_file_line_and_field(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(SuiteError) as info:
+        load_trials(path)
+    assert needle in str(info.value)
+    assert path in str(info.value) or "--set" in str(info.value)
+
+
+def test_unknown_suite_lists_valid_ones():
+    with pytest.raises(SuiteError, match="unknown suite 'nope'; valid suites: .*smoke"):
+        load("nope")
+
+
+def test_set_with_wrong_type_is_rejected(tmp_path):
+    suite, _, _ = load(write(tmp_path, GOOD))
+    with pytest.raises(SuiteError, match="invalid --set"):
+        apply_sets(suite, {"seeds": "x"})

@@ -1,0 +1,42 @@
+"""Shared test helpers: run the `bench` command in a scratch folder with its own store and offline settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(OFFLINE)
+
+
+class Bench:
+    """Runs `python -m bench ...` with BENCH_HOME and the working folder inside one scratch folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / ".bench"
+        self.env = {**os.environ, **OFFLINE, "BENCH_HOME": str(self.home), "BENCH_CACHE": str(cache_dir())}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.home / 'mlflow.db'}"
+
+    def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bench", *args], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def cache_dir() -> Path:
+    """Tokenizers and prepared text are cached across tests (and across runs) in one place."""
+    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Bench:
+    return Bench(tmp_path)
