@@ -1,0 +1,52 @@
+"""Spike-aware optimizers (SPAM, Stable-SPAM), their components, the papers' baselines, one registry, a spike monitor.
+
+Public API:
+
+- `SPAM`, `StableSPAM`: drop-in `torch.optim.Optimizer`s (need only torch).
+- `build(name, params_or_model, **hparams)`, `available()`, `catalog()`, `spec(name)`, `resolved_hparams(opt)`,
+  `optimizer_class(name, **hparams)`, `param_groups(model)`: the registry (module `registry`).
+- `SpikeMonitor`: per-layer-type gradient spike statistics (module `spike_monitor`).
+- `SpikeAwareAdam`, `ComponentWrapper`: the engines behind the compositions (modules `spike_aware`, `compose`);
+  `functional` holds the tensor math of every transform.
+
+Baseline packages (transformers, adam-mini, lion-pytorch, galore-torch) are imported only when an optimizer that
+needs them is built.
+"""
+
+from __future__ import annotations
+
+from .compose import ComponentWrapper
+from .registry import (
+    OptimizerConfigError,
+    OptimizerSpec,
+    OptimizerUnavailableError,
+    available,
+    build,
+    catalog,
+    optimizer_class,
+    param_groups,
+    resolved_hparams,
+    spec,
+)
+from .spam import SPAM
+from .spike_aware import SpikeAwareAdam
+from .spike_monitor import SpikeMonitor
+from .stable_spam import StableSPAM
+
+__all__ = [
+    "SPAM",
+    "ComponentWrapper",
+    "OptimizerConfigError",
+    "OptimizerSpec",
+    "OptimizerUnavailableError",
+    "SpikeAwareAdam",
+    "SpikeMonitor",
+    "StableSPAM",
+    "available",
+    "build",
+    "catalog",
+    "optimizer_class",
+    "param_groups",
+    "resolved_hparams",
+    "spec",
+]

@@ -1,0 +1,492 @@
+"""The optimizer registry: one place that maps a name to a spec, builds it, and reports what it really uses.
+
+Names:
+
+- base optimizers (`baselines.BASELINES`): adam, adamw, sgd, lion, adafactor, adam_mini, galore_adamw;
+- in-house optimizers: spam, stable_spam;
+- compositions ``base+component+...`` over any base, with components moret, gradclip, adaclip, adagn, spikeclip
+  (each at most once, applied in the canonical order of `compose` whatever their order in the name). Compositions
+  over adam/adamw run on the in-house `SpikeAwareAdam` (torch's Adam/AdamW arithmetic unless ``adam_form="spam"``;
+  adam takes weight decay as L2, adamw decoupled); compositions over the other bases wrap the package optimizer;
+- aliases: ``adam_gradclip`` = ``adam+gradclip``.
+
+Names are case-insensitive and "-" reads as "_". Unknown names and unknown hyperparameters raise
+`OptimizerConfigError` (a ValueError) naming the culprit and listing the valid choices; nothing is dropped.
+
+Given an ``nn.Module``, the registry forms the papers' two parameter groups (`param_groups`): "matrix" (the 2-D
+weights of nn.Linear layers, except embeddings and the LM head) and "other" (everything else). SPAM's ``density``
+and GaLore's projection apply to the matrix group only. Given tensors or group dicts, they are used as they are
+(density then applies to every 2-D tensor, GaLore's projection to the groups with role "matrix", or to the 2-D
+tensors when no group has a role).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .baselines import BASELINES, GALORE_KEYS, ParamInput
+from .compose import COMPONENTS, ComponentOptimizer, ComponentWrapper, Pipeline
+from .spam import SPAM
+from .spike_aware import SpikeAwareAdam
+from .stable_spam import StableSPAM
+
+__all__ = [
+    "ALIASES",
+    "COMPONENT_HPARAMS",
+    "PAPER_COMPOSITIONS",
+    "OptimizerConfigError",
+    "OptimizerSpec",
+    "OptimizerUnavailableError",
+    "available",
+    "build",
+    "catalog",
+    "optimizer_class",
+    "param_groups",
+    "resolved_hparams",
+    "spec",
+]
+
+
+class OptimizerConfigError(ValueError):
+    """An unknown optimizer name or hyperparameter, or an invalid composition."""
+
+
+class OptimizerUnavailableError(RuntimeError):
+    """The optimizer's package is not installed or does not work here."""
+
+
+# Hyperparameters each component adds to a composition, with their defaults (the papers' settings).
+COMPONENT_HPARAMS: dict[str, dict[str, Any]] = {
+    "moret": {"reset_interval": 1000, "moret_mode": "stable_spam", "warmup_steps": 0},
+    "gradclip": {"max_norm": 1.0},
+    "adaclip": {"gamma3": 0.999},
+    "adagn": {"gamma1": 0.7, "gamma2": 0.9},
+    "spikeclip": {"threshold": 5000.0},
+}
+SCHEDULE_HPARAMS: dict[str, Any] = {"total_steps": None, "eta_min": 0.5}
+IN_HOUSE_BASES: tuple[str, ...] = ("adam", "adamw")
+ALIASES: dict[str, str] = {"adam_gradclip": "adam+gradclip"}
+# Rows of Stable-SPAM's Tables 3 and 4 (reference/paper_results.yaml), all buildable by these names.
+PAPER_COMPOSITIONS: tuple[str, ...] = (
+    "lion+adagn+adaclip",
+    "adam_mini+adagn+adaclip",
+    "adam+moret",
+    "adam+moret+adaclip",
+    "adam+moret+adagn",
+    "adam+moret+adagn+adaclip",
+    "adam+moret+adagn+spikeclip",
+    "adam+moret+gradclip+adaclip",
+)
+IN_HOUSE: tuple[str, ...] = ("spam", "stable_spam")
+# Hyperparameters that apply to the matrix group only when groups carry roles.
+ROLE_SCOPED: frozenset[str] = frozenset({"density", *GALORE_KEYS})
+_INTERNAL_GROUP_KEYS = frozenset({"params", "param_names", "name", "role", "global_step", "initial_lr"})
+
+Factory = Callable[[ParamInput, dict[str, Any]], torch.optim.Optimizer]
+
+
+@dataclass
+class OptimizerSpec:
+    """What the registry knows about one optimizer name."""
+
+    name: str
+    defaults: dict[str, Any]
+    accepts: set[str]
+    source: str
+    needs_model: bool
+    description: str
+    base: str
+    components: tuple[str, ...] = ()
+    unavailable: str | None = None
+    factory: Factory | None = field(default=None, repr=False)
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable is None
+
+
+@dataclass(frozen=True)
+class RegistryInfo:
+    """Attached to every optimizer the registry builds (``opt.registry_info``)."""
+
+    name: str
+    base: str
+    source: str
+    hparams: dict[str, Any]
+
+
+# --- parameter groups -------------------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The papers' two groups: "matrix" (2-D weights of nn.Linear layers, not embeddings or the LM head) and
+    "other" (embeddings, norms, head, biases, everything else). Empty groups are left out; frozen parameters too."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrix_ids: set[int] = set()
+    for module_name, module in model.named_modules():
+        lowered = module_name.lower()
+        if isinstance(module, nn.Embedding) or "lm_head" in lowered or "embed" in lowered:
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            matrix_ids.add(id(weight))
+    matrix_ids -= embeddings
+    matrix: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lowered = name.lower()
+        is_matrix = id(p) in matrix_ids and "lm_head" not in lowered and "embed" not in lowered
+        (matrix if is_matrix else other).append(p)
+    groups: list[dict[str, Any]] = []
+    if matrix:
+        groups.append({"params": matrix, "role": "matrix"})
+    if other:
+        groups.append({"params": other, "role": "other"})
+    return groups
+
+
+def _param_input(params_or_model: Any) -> ParamInput:
+    if isinstance(params_or_model, nn.Module):
+        groups = param_groups(params_or_model)
+        if not groups:
+            raise ValueError("the model has no trainable parameters")
+        return ParamInput(groups, params_or_model)
+    if isinstance(params_or_model, torch.Tensor):
+        return ParamInput([{"params": [params_or_model]}])
+    items = list(params_or_model)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    if isinstance(items[0], dict):
+        groups = []
+        for g in items:
+            group = dict(g)
+            ps = group["params"]
+            group["params"] = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+            groups.append(group)
+        return ParamInput(groups)
+    return ParamInput([{"params": items}])
+
+
+def _scoped(inp: ParamInput, values: dict[str, Any], neutral: dict[str, Any]) -> list[dict[str, Any]]:
+    """Groups with role-scoped values: the matrix groups get `values`, other groups `neutral` (a group's own
+    setting wins). Without roles the groups are returned unchanged (the values then act as defaults)."""
+    if not inp.has_roles:
+        return inp.groups
+    out = []
+    for g in inp.groups:
+        extra = values if g.get("role") == "matrix" else neutral
+        out.append({**extra, **g})
+    return out
+
+
+# --- specs --------------------------------------------------------------------------------------------------------
+
+
+def _normalize(name: str) -> str:
+    if not isinstance(name, str):
+        raise OptimizerConfigError(f"an optimizer name must be a string, got {name!r}")
+    return name.strip().lower().replace("-", "_").replace(" ", "")
+
+
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items() if n not in ("self", "params")}
+
+
+def _spam_factory(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    groups = _scoped(inp, {"density": hp["density"]}, {"density": 1.0})
+    return SPAM(groups, **hp)
+
+
+def _stable_spam_factory(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    return StableSPAM(inp.groups, **hp)
+
+
+def _in_house_spec(name: str) -> OptimizerSpec:
+    cls, factory, description = {
+        "spam": (SPAM, _spam_factory, "SPAM: Adam + momentum reset with warmup + spike-aware clipping"),
+        "stable_spam": (StableSPAM, _stable_spam_factory, "Stable-SPAM: Adam + MoRet + AdaGN + AdaClip"),
+    }[name]
+    defaults = _signature_defaults(cls)
+    return OptimizerSpec(
+        name=name,
+        defaults=defaults,
+        accepts=set(defaults),
+        source=f"in-house ({cls.__module__}.{cls.__qualname__})",
+        needs_model=False,
+        description=description,
+        base=name,
+        factory=factory,
+    )
+
+
+def _baseline_spec(name: str) -> OptimizerSpec:
+    b = BASELINES[name]
+    return OptimizerSpec(
+        name=name,
+        defaults=dict(b.defaults),
+        accepts=b.accepts,
+        source=b.source,
+        needs_model=b.needs_model,
+        description=b.description,
+        base=name,
+        unavailable=b.unavailable_reason(),
+        factory=b.factory,
+    )
+
+
+def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> OptimizerSpec:
+    component_defaults: dict[str, Any] = {}
+    for c in components:
+        component_defaults.update(COMPONENT_HPARAMS[c])
+    b = BASELINES[base]
+    if base in IN_HOUSE_BASES:
+        defaults = {
+            "lr": 1e-3,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": b.defaults["weight_decay"],
+            "adam_form": "torch",
+            "density": 1.0,
+            "seed": 0,
+            "state_dtype": "param",
+            **component_defaults,
+            **SCHEDULE_HPARAMS,
+        }
+
+        def factory(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
+            groups = _scoped(inp, {"density": hp["density"]}, {"density": 1.0})
+            return SpikeAwareAdam(groups, components=components, decoupled_weight_decay=base == "adamw", **hp)
+
+        source = "in-house (optimizers.spike_aware.SpikeAwareAdam)"
+        unavailable = None
+    else:
+        extra: dict[str, Any] = {"state_dtype": "param"}
+        if "spikeclip" in components:
+            extra["spike_beta2"] = 0.999
+        if "adagn" in components:
+            extra.update(adagn_eps=1e-8, **SCHEDULE_HPARAMS)
+        defaults = {**b.defaults, **component_defaults, **extra}
+        base_keys = b.accepts
+
+        def factory(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
+            base_hp = {k: v for k, v in hp.items() if k in base_keys}
+            rest = {k: v for k, v in hp.items() if k not in base_keys}
+            pipeline = Pipeline(
+                components=frozenset(components),
+                moret_mode=rest.pop("moret_mode", "stable_spam"),
+                reset_interval=rest.pop("reset_interval", 1000),
+                warmup_steps=rest.pop("warmup_steps", 0),
+                max_norm=rest.pop("max_norm", 1.0),
+                total_steps=rest.pop("total_steps", None),
+                eta_min=rest.pop("eta_min", 0.5),
+                state_dtype=rest.pop("state_dtype"),
+            )
+            base_opt = b.factory(inp, base_hp)
+            return ComponentWrapper(base_opt, pipeline, b.layout, **rest)
+
+        source = f"in-house components over {b.source}"
+        unavailable = b.unavailable_reason()
+    return OptimizerSpec(
+        name=name,
+        defaults=defaults,
+        accepts=set(defaults),
+        source=source,
+        needs_model=b.needs_model,
+        description=f"{base} with {', '.join(components)}",
+        base=base,
+        components=components,
+        unavailable=unavailable,
+        factory=factory,
+    )
+
+
+def _valid_names() -> str:
+    return (f"{', '.join([*BASELINES, *IN_HOUSE, *ALIASES])}, or base+component+... with a base among "
+            f"{', '.join(BASELINES)} and components among {', '.join(COMPONENTS)}")
+
+
+def spec(name: str) -> OptimizerSpec:
+    """The spec of an optimizer name (raises OptimizerConfigError for unknown names)."""
+    key = _normalize(name)
+    target = ALIASES.get(key, key)
+    if "+" in target:
+        base, *parts = target.split("+")
+        components = [c for c in parts if c]
+        if base not in BASELINES:
+            raise OptimizerConfigError(f"unknown base optimizer {base!r} in {name!r}; valid bases: "
+                                       f"{', '.join(BASELINES)}")
+        unknown = [c for c in components if c not in COMPONENTS]
+        if unknown or not components:
+            what = f"unknown component(s) {unknown}" if unknown else "no component"
+            raise OptimizerConfigError(f"{what} in {name!r}; valid components: {', '.join(COMPONENTS)}")
+        if len(set(components)) != len(components):
+            raise OptimizerConfigError(f"a component appears twice in {name!r}")
+        return _composite_spec(key, base, tuple(components))
+    if key in IN_HOUSE:
+        return _in_house_spec(key)
+    if key in BASELINES:
+        return _baseline_spec(key)
+    raise OptimizerConfigError(f"unknown optimizer {name!r}; valid names: {_valid_names()}")
+
+
+def available() -> list[str]:
+    """Names that build here: base optimizers whose packages are installed, spam, stable_spam, adam_gradclip and
+    the papers' named compositions (any other base+component name is parsed on demand)."""
+    ok = {n for n, b in BASELINES.items() if b.unavailable_reason() is None}
+    names = [n for n in BASELINES if n in ok] + list(IN_HOUSE)
+    names += [a for a, target in ALIASES.items() if target.split("+")[0] in ok]
+    names += [c for c in PAPER_COMPOSITIONS if c.split("+")[0] in ok]
+    return names
+
+
+def catalog() -> dict[str, str]:
+    """Every registered name with its provenance, or "unavailable because ..." where it cannot be built."""
+    out: dict[str, str] = {}
+    for name in [*BASELINES, *IN_HOUSE, *ALIASES, *PAPER_COMPOSITIONS]:
+        s = spec(name)
+        out[name] = s.source if s.available else f"{s.unavailable} ({s.source})"
+    return out
+
+
+# --- building -----------------------------------------------------------------------------------------------------
+
+
+def build(name: str, params_or_model: Any, **hparams: Any) -> torch.optim.Optimizer:
+    """Build the optimizer `name` over a model, an iterable of tensors, or a list of param-group dicts.
+
+    Hyperparameters not given take the spec's defaults; unknown ones raise OptimizerConfigError.
+    """
+    s = spec(name)
+    unknown = sorted(set(hparams) - s.accepts)
+    if unknown:
+        raise OptimizerConfigError(
+            f"optimizer {s.name!r} does not accept hyperparameter(s) {', '.join(map(repr, unknown))}; "
+            f"valid hyperparameters: {', '.join(sorted(s.accepts))}"
+        )
+    if not s.available:
+        raise OptimizerUnavailableError(f"optimizer {s.name!r} is {s.unavailable}")
+    if s.needs_model and not isinstance(params_or_model, nn.Module):
+        raise OptimizerConfigError(f"optimizer {s.name!r} is built from the model: pass the nn.Module, not tensors")
+    hp = {**s.defaults, **hparams}
+    inp = _param_input(params_or_model)
+    assert s.factory is not None
+    opt = s.factory(inp, hp)
+    opt.registry_info = RegistryInfo(name=s.name, base=s.base, source=s.source, hparams=dict(hp))  # type: ignore[attr-defined]
+    return opt
+
+
+def optimizer_class(name: str, **hparams: Any) -> type[torch.optim.Optimizer]:
+    """A `torch.optim.Optimizer` subclass for libraries that construct the optimizer themselves.
+
+    ``cls(params, lr=..., **kwargs)`` and ``cls(params=..., lr=..., **kwargs)`` both return
+    ``build(name, params, **{**hparams, **kwargs})`` (the call's keywords win), an instance of the registry's class.
+    """
+    s = spec(name)
+    unknown = sorted(set(hparams) - s.accepts)
+    if unknown:
+        raise OptimizerConfigError(
+            f"optimizer {s.name!r} does not accept hyperparameter(s) {', '.join(map(repr, unknown))}; "
+            f"valid hyperparameters: {', '.join(sorted(s.accepts))}"
+        )
+    fixed = dict(hparams)
+
+    def __new__(cls: type, params: Any = None, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        if args:
+            raise TypeError(f"{cls.__name__} takes the parameters positionally and hyperparameters as keywords")
+        if params is None:
+            raise TypeError(f"{cls.__name__} needs the parameters to optimize")
+        return build(s.name, params, **{**fixed, **kwargs})
+
+    title = "".join(part.capitalize() for part in s.name.replace("+", "_").split("_"))
+    return type(f"Registry{title}", (torch.optim.Optimizer,), {"__new__": __new__, "__module__": __name__,
+                                                               "registry_name": s.name, "registry_hparams": fixed})
+
+
+# --- resolved hyperparameters -----------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else str(value.tolist())
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+def _group_hparams(groups: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    groups = list(groups)
+    keys: list[str] = []
+    for g in groups:
+        keys.extend(k for k in g if k not in _INTERNAL_GROUP_KEYS and k not in keys)
+    out: dict[str, Any] = {}
+    for key in keys:
+        scope = [(i, g) for i, g in enumerate(groups) if key in g]
+        if key in ROLE_SCOPED and any(g.get("role") == "matrix" for _, g in scope):
+            scope = [(i, g) for i, g in scope if g.get("role") == "matrix"]
+        values = [_plain(g[key]) for _, g in scope]
+        if all(_equal(v, values[0]) for v in values):
+            out[key] = values[0]
+            continue
+        labels = [g.get("role", f"group{i}") for i, g in scope]
+        if len(set(labels)) == len(labels) and len(labels) <= 8:
+            for label, v in zip(labels, values, strict=True):
+                out[f"{key}/{label}"] = v
+        else:
+            distinct: list[Any] = []
+            for v in values:
+                if not any(_equal(v, d) for d in distinct):
+                    distinct.append(v)
+            out[key] = "mixed: " + ", ".join(map(str, distinct))
+    return out
+
+
+def resolved_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """What the optimizer really uses, read back from it (param groups and settings), flat, for logging at step 0.
+
+    Keys are the hyperparameter names `build` accepts (plus the optimizer's other settings); tuple-valued
+    hyperparameters (betas, Adafactor's eps) stay tuples. A group-level value that differs between groups is
+    reported per role (``lr/matrix``), role-scoped ones (density, GaLore's projection) from the matrix group.
+    Also: ``optimizer`` (registry name or class), ``source`` (provenance) and ``param_groups`` (count).
+    """
+    info: RegistryInfo | None = getattr(opt, "registry_info", None)
+    out: dict[str, Any] = {
+        "optimizer": info.name if info else type(opt).__name__,
+        "source": info.source if info else f"{type(opt).__module__}.{type(opt).__qualname__}",
+    }
+    inner = opt.base if isinstance(opt, ComponentWrapper) else opt
+    out.update(_group_hparams(opt.param_groups))
+    if info is not None:
+        base = BASELINES.get(info.base)
+        if base is not None and base.readback is not None:
+            base.readback(inner, out)
+    if isinstance(opt, ComponentOptimizer):
+        out.update(opt.pipeline.describe())
+    if isinstance(opt, SpikeAwareAdam):
+        out["adam_form"] = opt.adam_form
+        out["decoupled_weight_decay"] = opt.decoupled_weight_decay
+        if "density" in opt.defaults:
+            out["seed"] = opt.seed
+    if isinstance(opt, StableSPAM):
+        out["variant"] = opt.variant
+    if isinstance(opt, ComponentWrapper):
+        out["base_class"] = f"{type(inner).__module__}.{type(inner).__qualname__}"
+    out["param_groups"] = len(opt.param_groups)
+    return out
