@@ -20,8 +20,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Benchmark harness for spike-aware optimizers: the SPAM and Stable-SPAM experiments and your own.",
 )
-console = Console()
-err = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole table rows
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 STATE: dict[str, bool] = {"debug": False}
 
 TrackingOpt = Annotated[str | None, typer.Option(
@@ -47,6 +47,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks a
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("optimizers", "tasks", "bench"):
         logging.getLogger(name).setLevel(logging.INFO)
+    if not debug:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _uri(uri: str | None) -> str:

@@ -8,6 +8,7 @@ the points it recomputes a second time.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class HarnessContext:
         self.artifact_dir = trial_dir / "artifacts"
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         self._ckpt = trial_dir / "checkpoint.pt"
+        (trial_dir / "worker.pid").write_text(str(os.getpid()))  # lets an operator (or a test) find the worker
         self._written_file = trial_dir / "written_steps.json"
         self._written: dict[str, int] = (
             json.loads(self._written_file.read_text()) if self._written_file.exists() else {}
@@ -71,7 +73,9 @@ class HarnessContext:
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self._ckpt.exists():
             return None
-        return torch.load(self._ckpt, map_location="cpu", weights_only=True)
+        state = torch.load(self._ckpt, map_location="cpu", weights_only=True)
+        self.set_tags(**{"bench.resumed_from_step": str(state.get("step", "?"))})
+        return state
 
     # --- harness side --------------------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from bench.spec import TrialSpec
 
 log = logging.getLogger(__name__)
 
-# Offline, loopback-only defaults for Ray; set before Ray is imported.
+# Offline, loopback-only defaults for Ray; set before Ray is imported (Ray reads them at import).
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a local Ray instance bind every port to 127.0.0.1.
 for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0",
                "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
     os.environ.setdefault(_k, _v)
@@ -122,7 +123,7 @@ def _init_ray(opts: RunOptions) -> None:
         if opts.address:
             ray.init(address=opts.address, **kwargs)
         else:
-            ray.init(_node_ip_address="127.0.0.1", _temp_dir=str(tracking.home() / "ray"), **kwargs)
+            ray.init(_node_ip_address="127.0.0.1", **kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or its own types
         raise ClusterError(f"could not connect to Ray at {opts.address or 'a new local instance'}: {exc}") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]

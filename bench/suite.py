@@ -70,7 +70,8 @@ class Experiment(BaseModel):
     task: str
     preset: str = "smoke"
     table: str | None = None
-    column: str | None = None
+    column: str | list[str] | None = Field(None, description="column(s) of `table`; a list shows the same trials "
+                                           "in several columns (e.g. one baseline beside INT4 and FP4)")
     overrides: dict[str, Any] = Field(default_factory=dict)
     hparams: dict[str, Any] = Field(default_factory=dict)
     optimizers: list[str | OptimizerEntry] = Field(min_length=1)
@@ -300,15 +301,17 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
                         errors.append(f"{_where(path, root, opt_where)}: {problem}")
                         continue
                     point = {k: v for k, v in {**overrides, **hp}.items() if k in varying}
+                    columns = exp.column if isinstance(exp.column, list) else [exp.column or exp.preset]
                     for seed in exp.seeds:
                         spec_ = TrialSpec(
                             task=exp.task, preset=exp.preset, config=cfg.model_dump(mode="json"),
                             optimizer=entry.name, hparams=hp, seed=seed,
                         )
-                        trials.append(Trial(
-                            spec=spec_, table=exp.table or exp.task, column=exp.column or exp.preset,
-                            row=entry.label or entry.name, point=point,
-                        ))
+                        trials.extend(
+                            Trial(spec=spec_, table=exp.table or exp.task, column=column,
+                                  row=entry.label or entry.name, point=point)
+                            for column in columns
+                        )
     if errors:
         unique = list(dict.fromkeys(errors))
         more = f"\n  ... and {len(unique) - 20} more" if len(unique) > 20 else ""

@@ -73,11 +73,13 @@ def prepare_store(uri: str) -> None:
 
 
 def experiment_id(uri: str, name: str) -> str:
+    """The id of an experiment, created if missing (artifacts of a local store go to $BENCH_HOME/artifacts)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name)
+    location = (home() / "artifacts" / name).as_uri() if is_local_uri(uri) else None
+    return c.create_experiment(name, artifact_location=location)
 
 
 def git_commit() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -35,14 +36,19 @@ def test_smoke_suite_end_to_end(smoke):
     b, result = smoke
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = trial_runs(b.uri, "bench-smoke")
-    assert {r.data.tags["bench.optimizer"] for r in runs} == {"adamw", "spam", "stable_spam"}
+    assert {r.data.tags["bench.task"] for r in runs} == {"llm_pretrain", "rl", "forecasting"}
     c = MlflowClient(b.uri)
+    metric = {"llm_pretrain": "val_perplexity", "rl": "test_return", "forecasting": "test_mse"}
     for r in runs:
         assert r.data.tags["bench.status"] == "finished"
         assert r.data.tags["mlflow.parentRunId"]
         assert r.data.tags["bench.git_commit"] and r.data.tags["bench.version.torch"] and r.data.tags["bench.device"]
         assert r.data.params["optimizer"] == r.data.tags["bench.optimizer"]
-        assert any(k.startswith("opt.") for k in r.data.params)  # resolved optimizer hparams at step 0
+        assert any(k.startswith(("opt.", "optimizer.")) for k in r.data.params)  # resolved hparams at step 0
+        assert f"final.{metric[r.data.tags['bench.task']]}" in r.data.metrics
+    llm = [r for r in runs if r.data.tags["bench.task"] == "llm_pretrain"]
+    assert {r.data.tags["bench.optimizer"] for r in llm} == {"adamw", "spam", "stable_spam"}
+    for r in llm:
         assert r.data.metrics["final.val_perplexity"] > 1
         loss = c.get_metric_history(r.info.run_id, "loss")
         assert len(loss) >= 3 and loss[-1].value < loss[0].value
@@ -61,7 +67,7 @@ def test_second_run_starts_no_trial(smoke):
     before = {r.info.run_id for r in trial_runs(b.uri, "bench-smoke")}
     again = b("run", "--suite", "smoke")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 trials run, 3 already done" in " ".join(again.stdout.split())
+    assert "0 trials run, 8 already done" in " ".join(again.stdout.split())
     assert {r.info.run_id for r in trial_runs(b.uri, "bench-smoke")} == before
     board = b("leaderboard", "--suite", "smoke", "--format", "csv")
     assert board.returncode == 0 and "optimizer," in board.stdout
@@ -75,23 +81,31 @@ def test_ui_shows_trial_runs(smoke, tmp_path):
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "bench", "ui", "--port", str(port)], cwd=b.root, env=b.env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1600,1000"]
+    runs = [r for r in trial_runs(b.uri, "bench-smoke") if r.data.tags["bench.task"] == "llm_pretrain"]
+    exp = runs[0].info.experiment_id
+    base = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs"
+    shot = Path(os.environ.get("BENCH_TEST_ARTIFACTS", tmp_path)) / "mlflow_ui_trial_run.png"
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 90)
-        exp = MlflowClient(b.uri).get_experiment_by_name("bench-smoke").experiment_id
-        url = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs"
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1600,1000"]
-        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        shot = Path(os.environ.get("BENCH_TEST_ARTIFACTS", tmp_path)) / "mlflow_ui.png"
-        subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        experiment_page = dump_dom(chromium, flags, base)
+        trial_pages = {r.info.run_name: dump_dom(chromium, flags, f"{base}/{r.info.run_id}") for r in runs}
+        subprocess.run([chromium, *flags, f"--screenshot={shot}", f"{base}/{runs[0].info.run_id}"],
+                       capture_output=True, timeout=120)
     finally:
         ui.terminate()
         ui.wait(30)
-    for r in trial_runs(b.uri, "bench-smoke"):
-        assert r.info.run_name in dom
-    assert "final.val_perplexity" in dom or "val_perplexity" in dom
+    assert "bench-smoke" in experiment_page and ">smoke<" in experiment_page  # the suite's parent run
+    assert "matching runs" in experiment_page
+    for name, page in trial_pages.items():
+        assert name in page and "val_perplexity" in page and "bench.status" in page
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def dump_dom(chromium: str, flags: list[str], url: str) -> str:
+    return subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
 
 
 DIVERGE = """\
@@ -143,16 +157,18 @@ def test_cluster_mode(bench):
     """A head and a worker node started with `ray start` on 127.0.0.1; `bench run --address` against them."""
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     port = free_port()
-    env = {**bench.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    tmp = bench.root / "ray"
+    env = {k: v for k, v in bench.env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}  # it forbids multi-node
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # nodes and driver share a token
+    bench.env = env
     head = [*ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-            "--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats"]
+            "--include-dashboard=false", "--disable-usage-stats"]
     worker = [*ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
     server_port = free_port()
     server = None
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
+        for cmd in (head, worker):
+            started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         (bench.root / "one.yaml").write_text(DIVERGE.replace("inject_nan_at: [6, null]", "inject_nan_at: null")
                                              .replace("name: diverge", "name: cluster"))
         refused = bench("run", "--suite", str(bench.root / "one.yaml"), "--address", f"127.0.0.1:{port}")
@@ -174,3 +190,22 @@ def test_cluster_mode(bench):
             server.terminate()
             server.wait(30)
         subprocess.run([*ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_sweep_grid_then_best_lr_over_seeds(bench):
+    result = bench("sweep", "--task", "llm_pretrain", "--optimizer", "adamw,spam", "--lr", "1e-3,1e-2",
+                   "--seeds", "2", "--set", "task.steps=12", "--set", "task.eval_every=6",
+                   "--set", "hparams.reset_interval=6")
+    assert result.returncode == 2 and "no hyperparameter 'reset_interval'" in result.stderr  # adamw has none
+    result = bench("sweep", "--task", "llm_pretrain", "--optimizer", "adamw,spam", "--lr", "1e-3,1e-2",
+                   "--seeds", "2", "--set", "task.steps=12", "--set", "task.eval_every=6")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "best learning rates: adamw=" in " ".join(result.stdout.split())
+    runs = trial_runs(bench.uri, "bench-sweep-llm_pretrain-smoke")
+    assert len(runs) == 4 + 2  # the grid, then seed 1 of each best lr (seed 0 is the grid's own trial)
+    for opt in ("adamw", "spam"):
+        best = [r for r in runs if r.data.tags["bench.optimizer"] == opt and r.data.tags["bench.seed"] == "1"]
+        assert len(best) == 1
+    out = bench.root / "results" / "sweep-llm_pretrain-smoke"
+    assert (out / "sweep-llm_pretrain-smoke-grid_lr_sweep.png").exists()
+    assert "±" in (out / "sweep-llm_pretrain-smoke-best.md").read_text()  # mean ± spread over the 2 seeds

@@ -1,0 +1,129 @@
+"""Config schema and presets of the LLaMA pre-training task.
+
+Paper presets follow SPAM / Stable-SPAM: C4, t5-base tokenizer, sequences of 256 tokens, 512 sequences per step,
+linear warmup (1000 steps, as in the SPAM runs; Stable-SPAM's runs use 2000: override `warmup_steps`), cosine decay to
+10% of the peak, weight decay 0, bf16 weights / gradients / optimizer states, evaluation on 10M validation tokens
+every 1000 steps. Peak learning rates are Stable-SPAM's Table 7 (bf16) and its 4-bit setup; they apply only when the
+optimizer hyperparameters do not set `lr`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from tasks.base import TaskConfig
+from tasks.llm_pretrain.data import DataSettings, OfflineSource
+from tasks.llm_pretrain.model import ModelSize
+from tasks.llm_pretrain.quant import QuantFormat
+
+Precision = Literal["bf16", "fp32", "amp"]
+
+
+class LLMPretrainConfig(TaskConfig):
+    """One LLaMA pre-training trial."""
+
+    # model
+    model_size: ModelSize = "tiny"
+    precision: Precision = Field("bf16", description="bf16: weights, grads and optimizer states in bf16 (papers); "
+                                 "fp32; amp: fp32 weights with bf16 autocast on CUDA")
+    compile: bool = Field(False, description="torch.compile the model")
+    quant: QuantFormat = Field("none", description="fake quantization of the 7 block projections")
+    quant_group_size: int = Field(256, ge=4)
+    # budget and schedule
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(512, ge=1, description="sequences per optimizer step")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    steps: int = Field(10_000, ge=1)
+    warmup_steps: int = Field(1000, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    lr: float | None = Field(None, gt=0, description="peak lr when the optimizer hparams do not set 'lr'")
+    weight_decay: float | None = Field(0.0, ge=0, description="passed when the hparams do not set it (None: "
+                                       "optimizer default)")
+    # evaluation, logging, checkpoints
+    eval_every: int = Field(1000, ge=1)
+    eval_tokens: int = Field(10_000_000, ge=1, description="held-out predicted tokens per evaluation")
+    eval_batch_size: int | None = Field(None, ge=1, description="default: micro_batch_size")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(1000, ge=0, description="0: never")
+    spike_monitor: bool = False
+    spike_threshold: float = Field(50.0, gt=0)
+    inject_nan_at: int | None = Field(None, ge=1, description="fault injection: the loss of this step becomes NaN")
+    # data
+    data_source: Literal["auto", "c4", "offline"] = Field(
+        "auto", description="auto: C4 (c4_path, else the hub) and the package-text fallback when unreachable")
+    c4_path: str | None = Field(None, description="folder of allenai/c4 json.gz shards")
+    c4_hub_name: str = "allenai/c4"
+    c4_hub_config: str = "en"
+    c4_shuffle_buffer: int = Field(10_000, ge=1)
+    offline_sources: list[OfflineSource] = Field(default_factory=lambda: ["wikipedia", "shakespeare", "kjv"],
+                                                 min_length=1)
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held-out share of the fallback documents")
+    max_doc_chars: int = Field(1200, ge=100, description="fallback documents are cut to pieces of this size")
+    packing: bool = Field(False, description="concatenate documents instead of truncating and padding each")
+    # tokenizer
+    tokenizer: str = Field("auto", description="auto: t5-base when loadable, else a BPE trained on the training "
+                           "split; bpe; or a transformers tokenizer name")
+    bpe_vocab_size: int = Field(8192, ge=300)
+    bpe_train_docs: int = Field(200_000, ge=1, description="C4 documents used to train a BPE when t5 is missing")
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> LLMPretrainConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                             f"({self.micro_batch_size})")
+        if self.inject_nan_at is not None and self.inject_nan_at > self.steps:
+            raise ValueError(f"inject_nan_at ({self.inject_nan_at}) is after the last step ({self.steps})")
+        if self.data_source == "offline" and self.c4_path:
+            raise ValueError("c4_path is set but data_source is 'offline'")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def data_settings(self) -> DataSettings:
+        return DataSettings(
+            data_source=self.data_source, c4_path=self.c4_path, c4_hub_name=self.c4_hub_name,
+            c4_hub_config=self.c4_hub_config, c4_shuffle_buffer=self.c4_shuffle_buffer,
+            offline_sources=list(self.offline_sources), val_fraction=self.val_fraction,
+            max_doc_chars=self.max_doc_chars, tokenizer=self.tokenizer, bpe_vocab_size=self.bpe_vocab_size,
+            bpe_train_docs=self.bpe_train_docs,
+        )
+
+
+def _paper(size: str, steps: int, lr: float, micro: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "model_size": size, "seq_len": 256, "batch_size": 512, "micro_batch_size": micro, "steps": steps,
+        "warmup_steps": 1000, "min_lr_ratio": 0.1, "lr": lr, "weight_decay": 0.0, "precision": "bf16",
+        "compile": True, "eval_every": 1000, "eval_tokens": 10_000_000, "log_every": 10, "checkpoint_every": 1000,
+        **extra,
+    }
+
+
+# size -> (steps, peak lr, micro batch that fits an 80 GB H100 compiled) of the bf16 runs (Stable-SPAM Table 7 lrs)
+_BF16 = {"60m": (10_000, 1e-3, 256), "130m": (20_000, 8e-4, 256), "350m": (60_000, 4e-4, 128), "1b": (90_000, 2e-4, 64)}
+# size -> peak lr of the 4-bit runs (20K steps)
+_LOWBIT_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 5e-4, "1b": 5e-4}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "model_size": "tiny", "seq_len": 64, "batch_size": 8, "micro_batch_size": 4, "steps": 40,
+        "warmup_steps": 4, "lr": 3e-3, "precision": "fp32", "eval_every": 20, "eval_tokens": 4096,
+        "log_every": 5, "checkpoint_every": 20, "bpe_vocab_size": 2048,
+    },
+    "mini": {
+        "model_size": "mini", "seq_len": 256, "batch_size": 64, "micro_batch_size": 64, "steps": 3000,
+        "warmup_steps": 300, "lr": 1e-3, "precision": "bf16", "compile": True, "eval_every": 500,
+        "eval_tokens": 200_000,
+        "log_every": 25, "checkpoint_every": 500,
+    },
+    **{f"paper-{s}": _paper(s, steps, lr, micro) for s, (steps, lr, micro) in _BF16.items()},
+    **{f"paper-{fmt}-{s}": _paper(s, 20_000, _LOWBIT_LR[s], max(_BF16[s][2] // 2, 16), quant=fmt)
+       for fmt in ("int4", "fp4") for s in ("60m", "130m", "350m", "1b")},
+    **{f"paper-int8-{s}": _paper(s, 20_000, _LOWBIT_LR[s], max(_BF16[s][2] // 2, 16), quant="int8")
+       for s in ("60m", "130m", "350m")},
+}

@@ -1,0 +1,182 @@
+"""Fake quantization for the papers' low-bit (4-bit / 8-bit) pre-training runs.
+
+The 7 linear projections of every LLaMA block (q, k, v, o, gate, up, down) are replaced by `QuantLinear`, which
+computes `F.linear(Qa(x), Qw(W))` in the forward pass; embeddings, norms and the LM head are untouched. A
+straight-through estimator passes gradients unchanged to the master weight and to the input: the weight gradient is
+`grad_out^T @ Qa(x)` and the input gradient `grad_out @ Qw(W)`, exactly those of a plain linear layer applied to the
+quantized operands. Gradients themselves are not quantized. Rounding is round-to-nearest (no stochastic rounding).
+
+Formats (`quant` config field):
+- `int4` / `int8`: weights asymmetric min-max per group (2^b levels, zero point rounded to an integer); input
+  activations symmetric absmax per group, levels -(2^(b-1)-1) .. 2^(b-1)-1, with the 2 largest magnitudes of each
+  group kept exact and left out of the absmax (as in the public SPAM code).
+- `fp4`: the grid of the public code ("1 exponent bit, 2 mantissa bits, bias 1"), used there for weights and
+  activations alike, each symmetric absmax per group with the top-2 magnitudes kept exact. With a = absmax of the
+  group, its exponent is floor(log2(3.5|x|/a)) - 2 <= -1 and is then clamped to at least 1 - m = -1, so every value
+  gets the same step a/4: the grid is the uniform 9-level grid {0, +-1/4, +-1/2, +-3/4, +-1} * a, i.e. a symmetric
+  int4-like grid with 9 of 16 codes used, not a floating-point grid.
+- `fp4_e2m1`: a true FP4 (E2M1) grid, values +-{0, 0.5, 1, 1.5, 2, 3, 4, 6} * a/6, same grouping and outliers.
+
+Groups are `group_size` consecutive entries along the last dimension (the input dimension of a weight, the feature
+dimension of an activation). When that dimension is not a multiple of the group size, the last group of each row is
+shorter: it is padded for the computation (min-max: with a copy of the row's last entry, which changes neither min
+nor max; absmax: with zeros) and the padding is dropped afterwards. The public code instead flattens the tensor and
+cuts it into groups of 256 across rows (and asserts divisibility).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QuantFormat = Literal["none", "int4", "int8", "fp4", "fp4_e2m1"]
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+FP4_PUBLIC_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # magnitudes, in units of the group absmax
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes, in units of absmax / 6
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How `QuantLinear` quantizes its weight and input activations."""
+
+    format: QuantFormat = "int4"
+    group_size: int = 256
+    topk: int = 2  # largest-magnitude entries per activation group kept exact
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.format == "int8" else 4
+
+    @property
+    def weight_topk(self) -> int:
+        """Outliers kept exact in weight groups: none for the integer min-max path, as for activations otherwise."""
+        return 0 if self.format in ("int4", "int8") else self.topk
+
+
+def _grouped(x: torch.Tensor, group_size: int, pad: Literal["zeros", "replicate"]) -> tuple[torch.Tensor, int]:
+    """View `x` (fp32) as rows of `group_size` along the last dim, padding the last group; returns (groups, pad)."""
+    d = x.shape[-1]
+    n_pad = (-d) % group_size
+    if n_pad:
+        fill = x[..., -1:].expand(*x.shape[:-1], n_pad) if pad == "replicate" else x.new_zeros(*x.shape[:-1], n_pad)
+        x = torch.cat([x, fill], dim=-1)
+    return x.reshape(-1, group_size), n_pad
+
+
+def _ungrouped(g: torch.Tensor, shape: torch.Size, n_pad: int) -> torch.Tensor:
+    g = g.reshape(*shape[:-1], shape[-1] + n_pad)
+    return g[..., : shape[-1]] if n_pad else g
+
+
+def quantize_minmax(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Asymmetric min-max fake quantization per group (the public code's weight quantizer)."""
+    g, n_pad = _grouped(x.float(), group_size, pad="replicate")
+    lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+    qmax = 2**bits - 1
+    scale = (hi - lo).clamp(min=1e-5) / qmax
+    zero = (-torch.round(lo / scale)).clamp(0, qmax)
+    q = (torch.clamp(torch.round(g / scale) + zero, 0, qmax) - zero) * scale
+    return _ungrouped(q, x.shape, n_pad).to(x.dtype)
+
+
+def _int_grid(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Symmetric integer grid on [-1, 1] (input already divided by the absmax)."""
+    qmax = 2 ** (bits - 1) - 1
+    return lambda u: torch.round(u * qmax).clamp(-qmax - 1, qmax) / qmax
+
+
+def _table_grid(magnitudes: tuple[float, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Round-to-nearest onto a symmetric table of magnitudes on [0, 1] (input divided by the absmax)."""
+
+    def fn(u: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(magnitudes, dtype=u.dtype, device=u.device)
+        mids = (table[1:] + table[:-1]) / 2
+        return torch.sign(u) * table[torch.bucketize(u.abs(), mids)]
+
+    return fn
+
+
+def grid_fn(fmt: QuantFormat, bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rounding function of a symmetric format, acting on values normalised to [-1, 1]."""
+    if fmt in ("int4", "int8"):
+        return _int_grid(bits)
+    if fmt == "fp4":
+        return _table_grid(FP4_PUBLIC_GRID)
+    if fmt == "fp4_e2m1":
+        return _table_grid(tuple(v / 6.0 for v in E2M1_GRID))
+    raise ValueError(f"no symmetric grid for quant format {fmt!r}")
+
+
+def quantize_absmax(x: torch.Tensor, fmt: QuantFormat, group_size: int, topk: int = 2, bits: int = 4) -> torch.Tensor:
+    """Symmetric absmax fake quantization per group; the `topk` largest magnitudes of a group are kept exact."""
+    g, n_pad = _grouped(x.float(), group_size, pad="zeros")
+    k = min(topk, group_size)
+    if k > 0:
+        idx = g.abs().topk(k, dim=1).indices
+        kept = g.gather(1, idx)
+        g = g.scatter(1, idx, 0.0)
+    scale = g.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
+    q = grid_fn(fmt, bits)(g / scale) * scale
+    if k > 0:
+        q = q.scatter(1, idx, kept)
+    return _ungrouped(q, x.shape, n_pad).to(x.dtype)
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.format in ("int4", "int8"):
+        return quantize_minmax(w, spec.bits, spec.group_size)
+    return quantize_absmax(w, spec.format, spec.group_size, spec.weight_topk, spec.bits)
+
+
+def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return quantize_absmax(x, spec.format, spec.group_size, spec.topk, spec.bits)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Forward: the fake-quantized tensor; backward: the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, spec: QuantSpec, weight: bool) -> torch.Tensor:
+        return quantize_weight(x, spec) if weight else quantize_activation(x, spec)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
+
+
+class QuantLinear(nn.Linear):
+    """An `nn.Linear` whose weight and input are fake-quantized in the forward pass (STE in the backward)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False, **kw) -> None:
+        super().__init__(in_features, out_features, bias=bias, **kw)
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = _FakeQuant.apply(self.weight, self.spec, True)
+        x = _FakeQuant.apply(x, self.spec, False)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quant={self.spec.format}, group_size={self.spec.group_size}"
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> int:
+    """Replace the block projections of a LLaMA in place by `QuantLinear` (same parameters); returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in PROJECTIONS and type(child) is nn.Linear:
+                q = QuantLinear(child.in_features, child.out_features, spec, bias=child.bias is not None, device="meta")
+                q.weight = child.weight
+                if child.bias is not None:
+                    q.bias = child.bias
+                setattr(parent, name, q)
+                count += 1
+    return count

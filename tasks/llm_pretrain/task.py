@@ -1,0 +1,332 @@
+"""LLaMA pre-training task (SPAM / Stable-SPAM, bf16 and low-bit): the `Task` adapter and its training loop.
+
+One optimizer step = `batch_size / micro_batch_size` micro-batches whose token-summed cross-entropy is divided by the
+number of predicted (non-pad) tokens of the whole step, so the gradient does not depend on the micro-batch size.
+The learning rate follows a torch `LambdaLR` on the optimizer: linear warmup from 0, then cosine to `min_lr_ratio`
+of the peak. Metrics: `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_sec` every `log_every` steps (the only host
+syncs of the loop), `val_loss` / `val_perplexity` every `eval_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+import optimizers
+from tasks.base import Diverged, Resources, Task, TaskConfig, TrialContext
+from tasks.llm_pretrain.config import PRESETS, LLMPretrainConfig
+from tasks.llm_pretrain.data import Batcher, StepLoader, prepare_data, validation_batches
+from tasks.llm_pretrain.model import PAPER_VOCAB, build_llama, llama_config, matmul_params
+from tasks.llm_pretrain.quant import QuantSpec, quantize_model
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier of update `step` (0-based): linear from 0 over `warmup` steps, then cosine to `min_ratio`."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets aligned with the logits: position t predicts label t+1; the last position predicts none."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def token_loss_sum(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropy over the positions whose target is not -100 (pad tokens are excluded)."""
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """A causal LM and its token-summed loss as one module, so that torch.compile fuses the loss into the graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(self.model, ids, targets)
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """Global L2 norm of all gradients, on the device (no host sync)."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def build_optimizer(
+    name: str, model: nn.Module, hparams: dict[str, Any], cfg: LLMPretrainConfig, seed: int
+) -> torch.optim.Optimizer:
+    """The registry's optimizer, with the task's lr, weight decay, total_steps and seed where the hparams omit them."""
+    accepts = optimizers.spec(name).accepts
+    hp = dict(hparams)
+    if "seed" in accepts and "seed" not in hp:
+        hp["seed"] = seed
+    if "lr" in accepts and "lr" not in hp and cfg.lr is not None:
+        hp["lr"] = cfg.lr
+    if "weight_decay" in accepts and "weight_decay" not in hp and cfg.weight_decay is not None:
+        hp["weight_decay"] = cfg.weight_decay
+    if "total_steps" in accepts and "total_steps" not in hp:
+        hp["total_steps"] = cfg.steps
+    return optimizers.build(name, model, **hp)
+
+
+@torch.no_grad()
+def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any) -> float:
+    """Mean cross-entropy over the predicted (non-pad) tokens of the held-out batches (`loss_fn`: a CausalLMLoss)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for ids, labels in batches:
+        targets = shifted_targets(labels)
+        count += int((targets != -100).sum())
+        with autocast():
+            total += loss_fn(ids.to(device), targets.to(device)).double()
+    return total.item() / max(count, 1)
+
+
+class LLMPretrainTask(Task):
+    """LLaMA pre-training on C4 (or the offline English fallback), optionally with fake-quantized projections."""
+
+    name = "llm_pretrain"
+    Config = LLMPretrainConfig
+    presets = PRESETS
+    metric = "val_perplexity"
+    mode = "min"
+
+    def resources(self, cfg: TaskConfig) -> Resources:
+        assert isinstance(cfg, LLMPretrainConfig)
+        if cfg.model_size == "tiny":
+            return Resources(cpus=1, gpus=0)
+        if cfg.model_size == "mini":
+            return Resources(cpus=1, gpus=0.25)
+        return Resources(cpus=4, gpus=1)
+
+    def estimate_flops(self, cfg: TaskConfig) -> float:
+        """6 * N * tokens + 12 * layers * hidden * seq_len * tokens (attention scores and values, forward and
+        backward, without causal halving, as in PaLM's MFU formula). N counts the parameters of matrix multiplies
+        (the LM head included, the input embedding lookup not), at the papers' vocabulary of 32000."""
+        assert isinstance(cfg, LLMPretrainConfig)
+        mc = llama_config(cfg.model_size, PAPER_VOCAB)
+        tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+        return float(6 * matmul_params(mc) * tokens + 12 * mc.num_hidden_layers * mc.hidden_size * cfg.seq_len * tokens)
+
+    def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+        if not isinstance(cfg, LLMPretrainConfig):
+            cfg = LLMPretrainConfig.model_validate(cfg.model_dump() if isinstance(cfg, TaskConfig) else cfg)
+        threads = torch.get_num_threads()
+        if torch.device(ctx.device).type == "cpu":  # use the CPUs the trial asked for (oversubscription is slow)
+            torch.set_num_threads(max(1, int(self.resources(cfg).cpus)))
+        try:
+            return Trainer(cfg, optimizer, hparams, ctx).train()
+        finally:
+            torch.set_num_threads(threads)
+
+
+class Trainer:
+    """State and loop of one trial."""
+
+    def __init__(self, cfg: LLMPretrainConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.device = torch.device(ctx.device)
+        seed_everything(ctx.seed)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+
+        self.corpus, self.tokenizer = prepare_data(cfg.data_settings(), ctx.seed)
+        ctx.set_tags(data_source=self.corpus.source, tokenizer=self.tokenizer.name, precision=cfg.precision,
+                     quant=cfg.quant)
+
+        self.model_config = llama_config(cfg.model_size, self.tokenizer.vocab_size, cfg.seq_len, self.tokenizer.pad_id)
+        torch.manual_seed(ctx.seed)
+        self.model = build_llama(self.model_config, self.device)
+        self.n_quantized = 0
+        if cfg.quant != "none":
+            self.n_quantized = quantize_model(self.model, QuantSpec(cfg.quant, cfg.quant_group_size))
+        if cfg.precision == "bf16":
+            self.model.to(torch.bfloat16)
+        loss_fn = CausalLMLoss(self.model)
+        if cfg.compile:
+            torch.compiler.reset()  # a fresh trial: drop graphs of earlier trials in this process
+        self.loss_fn: nn.Module = torch.compile(loss_fn) if cfg.compile else loss_fn
+        self.autocast = self._autocast()
+
+        self.optimizer = build_optimizer(optimizer, self.model, hparams, cfg, ctx.seed)
+        self.resolved = optimizers.resolved_hparams(self.optimizer)
+        self.scheduler = LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.monitor = optimizers.SpikeMonitor(self.model, threshold=cfg.spike_threshold) if cfg.spike_monitor else None
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self._val: tuple[list[Batch], int] | None = None
+
+    def _autocast(self) -> Any:
+        if self.cfg.precision == "amp":
+            if self.device.type == "cuda":
+                return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+            log.warning("precision 'amp' autocasts on CUDA only; running in fp32 on %s", self.device)
+        return contextlib.nullcontext
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+
+    def _state(self, step: int, data_state: dict[str, Any], tokens: int, window: torch.Tensor, window_steps: int,
+               train_loss: float) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "data": data_state, "tokens": tokens,
+            "window_loss": window.detach().cpu(), "window_steps": window_steps, "train_loss": train_loss, "rng": rng,
+            "spike_monitor": self.monitor.state_dict() if self.monitor is not None else {},
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.monitor is not None and state.get("spike_monitor"):
+            self.monitor.load_state_dict(state["spike_monitor"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    # --- loop -----------------------------------------------------------------------------------------------------
+
+    def validation(self) -> tuple[list[Batch], int]:
+        if self._val is None:
+            cfg = self.cfg
+            self._val = validation_batches(self.corpus, self.tokenizer, cfg.seq_len,
+                                           cfg.eval_batch_size or cfg.micro_batch_size, cfg.packing, cfg.eval_tokens)
+        return self._val
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        batches, n_tokens = self.validation()
+        val_loss = evaluate(self.loss_fn, batches, self.device, self.autocast)
+        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": n_tokens}
+        self.ctx.report(step, **metrics)
+        if not math.isfinite(val_loss):
+            raise Diverged(f"non-finite validation loss at step {step}")
+        return metrics
+
+    def train(self) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        state = ctx.load_checkpoint()
+        start, tokens, window_steps, train_loss = 0, 0, 0, float("nan")
+        window = torch.zeros((), device=self.device)
+        if state is not None:
+            self._restore(state)
+            start, tokens = int(state["step"]), int(state["tokens"])
+            window, window_steps = state["window_loss"].to(self.device), int(state["window_steps"])
+            train_loss = float(state["train_loss"])
+            log.info("resuming from the checkpoint of step %d", start)
+        else:
+            ctx.log_params({f"opt.{k}": v for k, v in self.resolved.items()})
+            ctx.log_params({"model.vocab_size": self.model_config.vocab_size, "model.n_params": self.n_params,
+                            "model.quantized_linears": self.n_quantized, "data.source": self.corpus.source,
+                            "data.tokenizer": self.tokenizer.name})
+        batcher = Batcher(self.corpus.train, self.tokenizer, cfg.seq_len, cfg.micro_batch_size, cfg.packing,
+                          state["data"] if state else None)
+        log.info("llm_pretrain: %s LLaMA, %.2fM params (vocab %d), %s, data %s, tokenizer %s, steps %d-%d",
+                 cfg.model_size, self.n_params / 1e6, self.model_config.vocab_size, cfg.precision, self.corpus.source,
+                 self.tokenizer.name, start + 1, cfg.steps)
+
+        loader = StepLoader(batcher, cfg.accumulation, cfg.steps - start)
+        try:
+            return self._loop(start, tokens, window, window_steps, train_loss, loader)
+        finally:
+            loader.close()
+
+    def _loop(self, start: int, tokens: int, window: torch.Tensor, window_steps: int, train_loss: float,
+              loader: StepLoader) -> dict[str, float]:
+        cfg, ctx, model, opt = self.cfg, self.ctx, self.model, self.optimizer
+        final: dict[str, float] = {}
+        t_log, tokens_log = time.perf_counter(), tokens
+        for step in range(start + 1, cfg.steps + 1):
+            micro, data_state = loader.next()
+            step_loss, n_inputs = self._accumulate(step, micro)
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            gnorm = grad_norm(model) if log_now else None
+            if self.monitor is not None:
+                self.monitor.update()
+            lr = self.scheduler.get_last_lr()[0]
+            opt.step()
+            self.scheduler.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += n_inputs
+            window = window + step_loss
+            window_steps += 1
+            if step == 1:
+                self._tag_state_dtype()
+
+            if log_now:
+                train_loss = (window / window_steps).item()
+                now = time.perf_counter()
+                metrics = {"loss": train_loss, "lr": lr, "grad_norm": gnorm.item(), "tokens": tokens,
+                           "tokens_per_sec": (tokens - tokens_log) / max(now - t_log, 1e-9)}
+                if self.monitor is not None:
+                    metrics.update(self.monitor.summary())
+                    self.monitor.reset()
+                ctx.report(step, **metrics)
+                if not math.isfinite(train_loss):
+                    raise Diverged(f"non-finite training loss at step {step}")
+                window, window_steps = torch.zeros((), device=self.device), 0
+                t_log, tokens_log = now, tokens
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                final = self.evaluate(step)
+                t_log, tokens_log = time.perf_counter(), tokens  # throughput leaves evaluation out
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                ctx.save_checkpoint(self._state(step, data_state, tokens, window, window_steps, train_loss))
+                t_log, tokens_log = time.perf_counter(), tokens
+
+        if not final:  # resumed after the last evaluation point
+            final = self.evaluate(cfg.steps)
+        return {**final, "train_loss": train_loss, "steps": float(cfg.steps), "tokens": float(tokens),
+                "n_params": float(self.n_params)}
+
+    def _accumulate(self, step: int, batches: list[Batch]) -> tuple[torch.Tensor, int]:
+        """Forward/backward over the micro-batches of one step; returns the step's mean loss and its input tokens."""
+        targets = [shifted_targets(labels) for _, labels in batches]
+        n_pred = max(1, sum(int((t != -100).sum()) for t in targets))
+        n_inputs = sum(int((labels != -100).sum()) for _, labels in batches)
+        step_loss = torch.zeros((), device=self.device)
+        for (ids, _), tgt in zip(batches, targets, strict=True):
+            with self.autocast():
+                loss = self.loss_fn(ids.to(self.device, non_blocking=True),
+                                    tgt.to(self.device, non_blocking=True)) / n_pred
+            if step == self.cfg.inject_nan_at:
+                loss = loss * float("nan")
+            loss.backward()
+            step_loss += loss.detach()
+        return step_loss, n_inputs
+
+    def _tag_state_dtype(self) -> None:
+        dtypes = {t.dtype for s in self.optimizer.state.values() for t in s.values()
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0}
+        if dtypes:
+            self.ctx.set_tags(optimizer_state_dtype=",".join(sorted(str(d).removeprefix("torch.") for d in dtypes)))
+

@@ -1,0 +1,150 @@
+"""Corpora, tokenizer fallback, batching (padding masked from the loss, packing) and deterministic data order."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.llm_pretrain import LLMPretrainTask, data
+from tasks.llm_pretrain.data import Batcher, bpe_tokenizer, c4_corpus, offline_corpus
+from tasks.llm_pretrain.model import build_llama, llama_config
+from tasks.llm_pretrain.task import shifted_targets, token_loss_sum
+
+SOURCES = ["wikipedia", "shakespeare", "kjv"]
+
+
+@pytest.fixture(scope="module")
+def corpus() -> data.Corpus:
+    return offline_corpus(SOURCES, val_fraction=0.05, seed=0, max_doc_chars=1200)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus: data.Corpus) -> data.TextTokenizer:
+    return bpe_tokenizer(corpus.tokenizer_text, 2048, corpus.source)
+
+
+def test_offline_corpus_is_real_text_with_a_disjoint_validation_split(corpus: data.Corpus) -> None:
+    assert corpus.source == "offline:wikipedia+shakespeare+kjv"
+    train = set(corpus.tokenizer_text())
+    val = list(corpus.validation())
+    assert len(train) > 10_000 and len(val) > 500
+    assert not train & set(val)
+    text = " ".join(itertools.islice(corpus.train(0), 200))
+    assert " the " in text and len(text) > 50_000
+
+
+def test_offline_order_is_seeded_and_resumable(corpus: data.Corpus) -> None:
+    n = corpus.info["train_docs"]
+    first = list(itertools.islice(corpus.train(0), n + 20))
+    assert list(itertools.islice(corpus.train(n - 5), 25)) == first[n - 5 :]
+    assert first[:50] == list(itertools.islice(corpus.train(0), 50))
+    other = offline_corpus(SOURCES, val_fraction=0.05, seed=1, max_doc_chars=1200)
+    assert list(itertools.islice(other.train(0), 50)) != first[:50]
+    assert first[n : n + 20] != first[:20]  # a new permutation each epoch
+
+
+def test_hub_probe_respects_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_HUB_REACHABLE", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data.hub_reachable() is False
+
+
+def test_padding_is_masked_and_excluded_from_the_loss(corpus: data.Corpus, tokenizer: data.TextTokenizer) -> None:
+    b = Batcher(corpus.train, tokenizer, seq_len=256, batch_size=8, packing=False)
+    ids, labels = b.next()
+    pad = labels == -100
+    assert pad.any() and (ids[pad] == tokenizer.pad_id).all()
+    lengths = (~pad).sum(1)
+    assert all(ids[r, lengths[r] - 1] == tokenizer.eos_id for r in range(8))  # each document ends with EOS
+    assert (lengths <= 256).all() and (lengths == 256).any()  # truncation keeps the final EOS
+    torch.manual_seed(0)
+    model = build_llama(llama_config("tiny", tokenizer.vocab_size))
+    targets = shifted_targets(labels)
+    assert int((targets != -100).sum()) == int((lengths - 1).sum())
+    with torch.no_grad():
+        loss = token_loss_sum(model, ids, targets)
+        garbage = torch.where(pad, torch.randint_like(ids, 0, tokenizer.vocab_size), ids)
+        assert torch.equal(token_loss_sum(model, garbage, targets), loss)
+
+
+def test_packing_fills_every_position(corpus: data.Corpus, tokenizer: data.TextTokenizer) -> None:
+    b = Batcher(corpus.train, tokenizer, seq_len=64, batch_size=4, packing=True)
+    ids, labels = b.next()
+    assert ids.shape == (4, 64) and torch.equal(ids, labels)
+    assert int((ids == tokenizer.eos_id).sum()) >= 1
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batcher_resumes_at_the_same_batch(corpus: data.Corpus, tokenizer: data.TextTokenizer, packing: bool) -> None:
+    a = Batcher(corpus.train, tokenizer, seq_len=32, batch_size=4, packing=packing)
+    for _ in range(3):
+        a.next()
+    state = a.state_dict()
+    expected = [a.next() for _ in range(3)]
+    b = Batcher(corpus.train, tokenizer, seq_len=32, batch_size=4, packing=packing, state=state)
+    for (ids, labels), (ids2, labels2) in zip(expected, (b.next() for _ in range(3)), strict=True):
+        assert torch.equal(ids, ids2) and torch.equal(labels, labels2)
+
+
+def _write_shards(folder: Path, docs: list[str]) -> None:
+    """Real text in the allenai/c4 layout: json lines with a `text` field in gzip shards."""
+    splits = {"train": docs[:300], "validation": docs[300:360]}
+    for split, items in splits.items():
+        for shard in range(2):
+            with gzip.open(folder / f"c4-{split}.{shard:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
+                for d in items[shard::2]:
+                    f.write(json.dumps({"text": d, "timestamp": "2019-04-25T12:57:54Z", "url": "x"}) + "\n")
+
+
+def test_local_c4_shards(tmp_path: Path, corpus: data.Corpus) -> None:
+    _write_shards(tmp_path, list(itertools.islice(corpus.validation(), 360)))
+    c4 = c4_corpus(str(tmp_path), "allenai/c4", "en", seed=0, shuffle_buffer=50, tokenizer_docs=100)
+    assert c4.source.startswith("c4:local:")
+    first = list(itertools.islice(c4.train(0), 400))  # more than one pass
+    assert list(itertools.islice(c4.train(123), 50)) == first[123:173]
+    assert len(list(c4.validation())) == 60
+    assert len(list(c4.tokenizer_text())) == 100
+    with pytest.raises(FileNotFoundError):
+        c4_corpus(str(tmp_path / "missing"), "allenai/c4", "en", 0, 10, 10)
+
+
+def test_transformers_tokenizer_path_leaves_t5_sentinels_out(tmp_path: Path, tokenizer: data.TextTokenizer) -> None:
+    """A T5-style tokenizer (sentinels <extra_id_N> at the end of the vocabulary) gives the model its base vocab."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path = next((data.cache_dir() / "tokenizers").glob("bpe2048-*.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)), pad_token="<pad>",
+                                   eos_token="</s>", unk_token="</s>")
+    fast.add_special_tokens({"additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]})
+    fast.save_pretrained(tmp_path)
+    t5_like = data.hf_tokenizer(str(tmp_path), local_only=True)
+    assert t5_like.vocab_size == tokenizer.vocab_size == 2048
+    assert (t5_like.pad_id, t5_like.eos_id) == (0, 1)
+    ids = t5_like.encode(["The King <extra_id_3> said"])[0]
+    assert ids[-1] == 1 and max(ids) < 2048
+    assert 1 in ids[:-1]  # the sentinel, beyond the model vocabulary, became <unk> (here the EOS token)
+
+
+def test_forced_c4_without_a_source_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_HUB_REACHABLE", False)
+    cfg = LLMPretrainTask().config("smoke", {"data_source": "c4"})
+    with pytest.raises(RuntimeError, match="not reachable"):
+        data.prepare_data(cfg.data_settings(), seed=0)
+
+
+def test_smoke_run_on_local_c4_shards(tmp_path: Path, corpus: data.Corpus, run_task: Callable) -> None:
+    _write_shards(tmp_path, list(itertools.islice(corpus.validation(), 360)))
+    run = run_task({"c4_path": str(tmp_path), "tokenizer": "bpe", "bpe_train_docs": 300, "steps": 10,
+                    "eval_every": 10, "checkpoint_every": 0})
+    assert run.ctx.tags["data_source"] == f"c4:local:{tmp_path.name}"
+    assert run.ctx.tags["tokenizer"].startswith("bpe-")
+    assert not [r for r in run.logs if r.levelname == "WARNING" and "fallback" in r.getMessage()]
+    assert math.isfinite(run.result["val_perplexity"])
