@@ -23,6 +23,8 @@ class Diverged(Exception):
 
 # Metric names that must stay finite; a NaN/inf in one of them marks the trial as diverged.
 GUARDED_METRICS = ("loss", "train_loss", "val_loss", "grad_norm")
+# A reported global gradient norm above this counts as an explosion: the trial is diverged.
+GRAD_NORM_LIMIT = 1e6
 
 
 class Resources(BaseModel):
@@ -65,9 +67,13 @@ class TrialContext(Protocol):
 
 
 def check_finite(metrics: dict[str, float]) -> None:
+    """Raise `Diverged` for a NaN/inf guarded metric or a gradient norm above `GRAD_NORM_LIMIT`."""
     bad = {k: v for k, v in metrics.items() if k in GUARDED_METRICS and not math.isfinite(float(v))}
     if bad:
         raise Diverged(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}")
+    norm = metrics.get("grad_norm")
+    if norm is not None and float(norm) > GRAD_NORM_LIMIT:
+        raise Diverged(f"exploding gradient: grad_norm={float(norm):.3g} > {GRAD_NORM_LIMIT:g}")
 
 
 class LocalContext:
