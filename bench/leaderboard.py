@@ -265,6 +265,52 @@ def _lr_of(column: str) -> float | None:
     return None
 
 
+def _histories(trials: list[Trial], runs: dict[str, Any], uri: str, metric: str) -> dict[str, list[tuple[int, float]]]:
+    c = tracking.client(uri)
+    out = {}
+    for t in trials:
+        run = runs.get(t.key)
+        if run is not None and t.key not in out and run.data.tags.get(tracking.STATUS_TAG) == "finished":
+            out[t.key] = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric))
+    return out
+
+
+def steps_to_reach(table: str, trials: list[Trial], runs: dict[str, Any], uri: str, baseline: str = "adam",
+                   metric: str = "val_loss") -> str | None:
+    """The papers' "same loss in fewer steps" figure: for each row and column, the first evaluation step at which
+    the row's `metric` reaches the final `metric` of the `baseline` row of that column (mean over seeds)."""
+    members = [t for t in trials if t.table == table]
+    if not any(t.row == baseline for t in members):
+        return None
+    hist = _histories(members, runs, uri, metric)
+    columns = list(dict.fromkeys(_column(t) for t in members))
+    rows = list(dict.fromkeys(t.row for t in members))
+    lines = [f"### {table} — steps to reach {baseline}'s final {metric} (lower is better)", "",
+             "| optimizer | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        cells = []
+        for col in columns:
+            target_runs = [hist[t.key] for t in members if t.row == baseline and _column(t) == col and hist.get(t.key)]
+            mine = [hist[t.key] for t in members if t.row == row and _column(t) == col and hist.get(t.key)]
+            if not target_runs or not mine:
+                cells.append("—")
+                continue
+            target = statistics.fmean(h[-1][1] for h in target_runs)
+            reached = [next((step for step, v in h if v <= target), None) for h in mine]
+            hit = [r for r in reached if r is not None]
+            total = max(h[-1][0] for h in mine)
+            text = f"{statistics.fmean(hit):.0f} of {total}" if hit else f"not reached in {total}"
+            if hit and len(hit) < len(reached):
+                text += f" ({len(hit)}/{len(reached)} seeds)"
+            cells.append(text)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Tables whose paper claims a "same final loss in fewer steps" figure.
+STEPS_TABLES = ("llm_pretrain_4bit",)
+
+
 def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = "md",
           parent_run_id: str | None = None) -> tuple[str, list[Path]]:
     """Build tables and plots for a suite's trials; write them under `out` (and to the parent run, if given)."""
@@ -278,7 +324,16 @@ def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = 
         (out / f"{t.name}.md").write_text(t.markdown() + "\n")
         (out / f"{t.name}.csv").write_text(t.csv())
         files += [out / f"{t.name}.md", out / f"{t.name}.csv"]
-    (out / "leaderboard.md").write_text("\n\n".join(t.markdown() for t in tables) + "\n")
+    sections = [t.markdown() for t in tables]
+    for name in STEPS_TABLES:
+        extra = steps_to_reach(name, trials, runs, uri)
+        if extra:
+            sections.append(extra)
+            (out / f"{name}_steps_to_adam.md").write_text(extra + "\n")
+            files.append(out / f"{name}_steps_to_adam.md")
+            if fmt == "md":
+                text += "\n\n" + extra
+    (out / "leaderboard.md").write_text("\n\n".join(sections) + "\n")
     files.append(out / "leaderboard.md")
     files += plot_curves(trials, runs, uri, out) + plot_sweeps(tables, out)
     if parent_run_id:

@@ -11,10 +11,10 @@ import math
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Diverged(Exception):
@@ -34,6 +34,16 @@ class Resources(BaseModel):
     cpus: float = Field(1.0, ge=0)
     gpus: float = Field(0.0, ge=0)
     workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each) for multi-GPU trials")
+
+
+def _must_exist(path: str) -> str:
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"path {path!r} does not exist")
+    return path
+
+
+# A config field naming local data: a missing path is an error when the config is validated, before any trial.
+ExistingPath = Annotated[str, AfterValidator(_must_exist)]
 
 
 class TaskConfig(BaseModel):

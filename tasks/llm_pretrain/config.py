@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.base import TaskConfig
+from tasks.base import ExistingPath, TaskConfig
 from tasks.llm_pretrain.data import DataSettings, OfflineSource
 from tasks.llm_pretrain.model import ModelSize
 from tasks.llm_pretrain.quant import QuantFormat
@@ -53,7 +53,7 @@ class LLMPretrainConfig(TaskConfig):
     # data
     data_source: Literal["auto", "c4", "offline"] = Field(
         "auto", description="auto: C4 (c4_path, else the hub) and the package-text fallback when unreachable")
-    c4_path: str | None = Field(None, description="folder of allenai/c4 json.gz shards")
+    c4_path: ExistingPath | None = Field(None, description="folder of allenai/c4 json.gz shards")
     c4_hub_name: str = "allenai/c4"
     c4_hub_config: str = "en"
     c4_shuffle_buffer: int = Field(10_000, ge=1)

@@ -30,6 +30,19 @@ CASES = {
     "ray address not answering": (["run", "--suite", "{f}", "--address", "127.0.0.1:9"], GOOD,
                                   "could not connect to Ray"),
     "leaderboard without runs": (["leaderboard"], None, "no suite has runs"),
+    "warmup longer than reset interval": (
+        ["run", "--suite", "{f}"], GOOD.replace("[adamw]", "[{name: spam, hparams: {warmup_steps: 1000}}]"),
+        "warmup"),
+    "hparam of the wrong type": (["run", "--suite", "{f}"], GOOD.replace("lr: 1e-3", "lr: fast"), "rejects"),
+    "missing data path": (["run", "--suite", "{f}", "--set", "task.c4_path=/no/such/c4"], GOOD,
+                          "'/no/such/c4' does not exist"),
+    "unknown preset": (["run", "--suite", "{f}"], GOOD.replace("preset: smoke", "preset: huge"), "unknown preset"),
+    "malformed --set value": (["run", "--suite", "smoke", "--set", "task.steps=[1"], None, "not valid YAML"),
+    "unknown leaderboard format": (["leaderboard", "--format", "xml"], None, "xml"),
+    "unknown list target": (["list", "widgets"], None, "widgets"),
+    "negative max-concurrent": (["run", "--suite", "smoke", "--max-concurrent", "-1"], None, "--max-concurrent"),
+    "zero seeds in sweep": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--seeds", "0"], None,
+                            "--seeds"),
 }
 
 
