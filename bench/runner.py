@@ -7,7 +7,6 @@ run for the key is adopted by the new parent run and its trial resumes from the 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import traceback
 from dataclasses import dataclass, field
@@ -19,13 +18,6 @@ from bench.context import HarnessContext
 from bench.spec import TrialSpec
 
 log = logging.getLogger(__name__)
-
-# Offline, loopback-only defaults for Ray; set before Ray is imported (Ray reads them at import).
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a local Ray instance bind every port to 127.0.0.1.
-for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0",
-               "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
-    os.environ.setdefault(_k, _v)
-
 
 class ClusterError(RuntimeError):
     """The Ray cluster or the tracking store cannot serve this run (raised before any trial starts)."""

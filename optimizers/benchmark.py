@@ -1,12 +1,20 @@
 """Step-time benchmark of optimizers on the parameter set of a LLaMA model of the papers' sizes.
 
 Only tensors are created (no model, no forward pass): the parameters of LLaMA-60M ... 1B with random gradients, in
-the papers' two groups. Each optimizer runs a few warm-up steps and is then timed over ``--steps`` steps (CUDA events
-on a GPU). Besides registry names, ``torch_adamw_fused`` and ``torch_adamw_foreach`` time torch's AdamW kernels.
+the papers' two groups. Each optimizer runs ``--warmup`` steps and is then timed step by step over ``--steps`` steps
+(a pair of CUDA events around each step on a GPU); the median is reported, with min and max. Besides registry names,
+``torch_adamw_fused`` and ``torch_adamw_foreach`` time torch's AdamW kernels, and a registry name with the suffix
+``_fused`` or ``_foreach`` (``spam_fused``, ``stable_spam_foreach``) forces that path of the in-house optimizers.
 
-    python -m optimizers.benchmark --size 1b --device cuda --names torch_adamw_fused,spam,stable_spam
+Also reported: the measured device-to-device copy bandwidth, the bytes each step must move at the least and the time
+that takes at that bandwidth (the floor). ``--check`` first runs the fused path against the foreach path on the device
+(float32 and bfloat16, random gradients with spikes, across momentum resets) and logs the relative errors.
 
-Results are logged (one line per optimizer: ms per step and the ratio to the first name) and, with ``--json``, saved.
+    python -m optimizers.benchmark --check --size 130m,1b --dtype float32,bfloat16 --device cuda \
+        --names torch_adamw_fused,spam_foreach,spam_fused,stable_spam_foreach,stable_spam_fused --json bench.json
+
+Results are logged (per size and dtype, one line per optimizer: ms per step and the ratio to the first name) and, with
+``--json``, saved.
 """
 
 from __future__ import annotations
@@ -15,15 +23,20 @@ import argparse
 import gc
 import json
 import logging
+import math
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .registry import build, spec
+from .compose import compute_dtype
+from .fused import compare_paths, triton_unavailable_reason
+from .registry import build, resolved_hparams, spec
 
-__all__ = ["LLAMA_SIZES", "llama_shapes", "main", "time_optimizer"]
+__all__ = ["LLAMA_SIZES", "check", "copy_bandwidth", "llama_shapes", "main", "split_name", "step_bytes",
+           "time_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -64,72 +77,193 @@ def _groups(size: str, device: torch.device, dtype: torch.dtype, seed: int) -> l
     return [{"params": ps, "role": role} for role, ps in by_role.items()]
 
 
+PATH_SUFFIXES: dict[str, bool] = {"_fused": True, "_foreach": False}
+
+
+def split_name(name: str) -> tuple[str, bool | None]:
+    """("spam", True) for ``spam_fused``, ("spam", False) for ``spam_foreach``, (name, None) otherwise."""
+    for suffix, fused in PATH_SUFFIXES.items():
+        if name.endswith(suffix) and not name.startswith("torch_"):
+            return name[: -len(suffix)], fused
+    return name, None
+
+
 def _make(name: str, groups: list[dict[str, Any]], hparams: dict[str, Any]) -> torch.optim.Optimizer:
     if name == "torch_adamw_fused":
         return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0, fused=True)
     if name == "torch_adamw_foreach":
         return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0, foreach=True)
-    return build(name, groups, **hparams)
+    base, fused = split_name(name)
+    if fused is not None:
+        hparams = {**hparams, "fused": fused}
+    return build(base, groups, **hparams)
 
 
-def time_optimizer(name: str, size: str, device: torch.device, dtype: torch.dtype, steps: int = 20,
-                   warmup: int = 3, hparams: dict[str, Any] | None = None) -> float:
-    """Milliseconds per `step()` of optimizer `name` on the parameters of LLaMA-`size`."""
+def _accepts(name: str) -> set[str]:
+    return set() if name.startswith("torch_") else spec(split_name(name)[0]).accepts
+
+
+def step_bytes(name: str, size: str, dtype: torch.dtype, state_dtype: str = "param") -> int | None:
+    """Bytes one step must move at the least (each tensor read or written once per pass the algorithm needs).
+
+    Adam-like updates read p, g, m, v and write p, m, v; Stable-SPAM reads g twice more (max |g| and the norm of the
+    clipped gradient, which the update needs before it can start). None for names without a model here.
+    """
+    base = split_name(name)[0]
+    extra_grad_reads = {"torch_adamw_fused": 0, "torch_adamw_foreach": 0, "adamw": 0, "adam": 0, "spam": 0,
+                        "stable_spam": 2}.get(base)
+    if extra_grad_reads is None:
+        return None
+    n = sum(math.prod(shape) for _, shape, _ in llama_shapes(size))
+    p = torch.empty((), dtype=dtype).element_size()
+    s = torch.empty((), dtype=compute_dtype(dtype, state_dtype)).element_size()
+    return n * (2 * p + (1 + extra_grad_reads) * p + 4 * s)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read plus bytes written, median of `repeats`)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+def time_optimizer(name: str, size: str, device: torch.device, dtype: torch.dtype, steps: int = 50,
+                   warmup: int = 25, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Milliseconds per `step()` of optimizer `name` on the parameters of LLaMA-`size`: the median over `steps`
+    steps after `warmup` (CUDA events around each step on a GPU), with min and max, and the fused path's use."""
     groups = _groups(size, device, dtype, seed=0)
     opt = _make(name, groups, dict(hparams or {}))
     for _ in range(warmup):
         opt.step()
+    times: list[float] = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
             opt.step()
-        end.record()
+            end.record()
         torch.cuda.synchronize(device)
-        elapsed = start.elapsed_time(end) / steps
+        times = [start.elapsed_time(end) for start, end in events]
     else:
-        t0 = time.perf_counter()
         for _ in range(steps):
+            t0 = time.perf_counter()
             opt.step()
-        elapsed = (time.perf_counter() - t0) * 1e3 / steps
+            times.append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+    if not name.startswith("torch_"):
+        resolved = resolved_hparams(opt)
+        out["fused_active"] = resolved.get("fused_active")
     del opt, groups
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return elapsed
+    return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+CHECK_CASES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("spam", {"reset_interval": 25, "warmup_steps": 8, "weight_decay": 0.1}),
+    ("spam", {"reset_interval": 25, "warmup_steps": 8, "density": 0.5}),
+    ("stable_spam", {"reset_interval": 20, "total_steps": 60, "weight_decay": 0.1}),
+    ("stable_spam", {"reset_interval": 20, "variant": "clean"}),
+)
+CHECK_DTYPES: tuple[tuple[str, torch.dtype, str, float], ...] = (
+    ("float32", torch.float32, "param", 1e-6),
+    ("bfloat16", torch.bfloat16, "param", 1e-2),
+    ("bfloat16", torch.bfloat16, "float32", 1e-2),
+)
+
+
+def check(device: torch.device, steps: int = 64) -> list[dict[str, Any]]:
+    """Fused against foreach on `device` (random data with spikes, across resets): relative errors per case."""
+    rows = []
+    for dtype_name, dtype, state_dtype, tol in CHECK_DTYPES:
+        for name, hp in CHECK_CASES:
+            errors = compare_paths(build, name, {**hp, "state_dtype": state_dtype}, device, dtype, steps=steps)
+            ok = max(errors["param"], errors["exp_avg"], errors["exp_avg_sq"]) < tol and not errors["grad_changed"]
+            rows.append({"name": name, "hparams": hp, "dtype": dtype_name, "state_dtype": state_dtype,
+                         "tolerance": tol, "ok": ok, **errors})
+            log.info("check %-12s %-9s state=%-8s %-62s param %.2e  m %.2e  v %.2e  %s", name, dtype_name, state_dtype,
+                     json.dumps(hp), errors["param"], errors["exp_avg"], errors["exp_avg_sq"], "ok" if ok else "FAIL")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="60m", choices=sorted(LLAMA_SIZES))
+    parser.add_argument("--size", default="60m", help=f"comma-separated, among {', '.join(LLAMA_SIZES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="bfloat16", help="comma-separated, among float32, bfloat16")
     parser.add_argument("--names", default="torch_adamw_fused,torch_adamw_foreach,adamw,spam,stable_spam")
     parser.add_argument("--hparams", default="{}",
                         help="JSON object of hyperparameters, given to each registry name that accepts them")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=25,
+                        help="untimed steps first (25: past SPAM's first 20 steps without spike clipping)")
+    parser.add_argument("--check", action="store_true",
+                        help="first compare the fused and foreach paths numerically on the device")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    sizes = args.size.split(",")
+    dtypes = args.dtype.split(",")
+    for size in sizes:
+        if size not in LLAMA_SIZES:
+            parser.error(f"unknown size {size!r}; valid sizes: {', '.join(LLAMA_SIZES)}")
+    for dtype_name in dtypes:
+        if dtype_name not in ("float32", "bfloat16"):
+            parser.error(f"unknown dtype {dtype_name!r}; valid: float32, bfloat16")
     hparams = json.loads(args.hparams)
-    results: dict[str, float] = {}
-    for name in args.names.split(","):
-        accepts = set() if name.startswith("torch_") else spec(name).accepts
-        extra = {k: v for k, v in hparams.items() if k in accepts}
-        if extra:
-            log.info("%s: %s", name, extra)
-        results[name] = time_optimizer(name, args.size, device, dtype, steps=args.steps, hparams=extra)
-    first = next(iter(results.values()))
-    for name, ms in results.items():
-        log.info("%-28s %9.3f ms/step  %6.2fx", name, ms, ms / first)
+    report: dict[str, Any] = {"device": str(device), "steps": args.steps, "warmup": args.warmup}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    report["triton"] = triton_unavailable_reason() or "available"
+    if args.check:
+        report["check"] = check(device)
+        log.info("check: %s", "all ok" if all(r["ok"] for r in report["check"]) else "FAILURES")
+    bandwidth = copy_bandwidth(device)
+    report["copy_bandwidth_GBps"] = bandwidth if bandwidth == bandwidth else None
+    log.info("device-to-device copy bandwidth: %.0f GB/s (read + write)", bandwidth)
+    runs = []
+    for size in sizes:
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            results: dict[str, dict[str, Any]] = {}
+            for name in args.names.split(","):
+                extra = {k: v for k, v in hparams.items() if k in _accepts(name)}
+                if extra:
+                    log.info("%s: %s", name, extra)
+                r = time_optimizer(name, size, device, dtype, steps=args.steps, warmup=args.warmup, hparams=extra)
+                nbytes = step_bytes(name, size, dtype, extra.get("state_dtype", "param"))
+                r["bytes"] = nbytes
+                r["floor_ms"] = nbytes / (bandwidth * 1e9) * 1e3 if nbytes and bandwidth == bandwidth else None
+                results[name] = r
+            first = next(iter(results.values()))["ms"]
+            log.info("LLaMA-%s %s (%s), median of %d steps:", size, dtype_name, device, args.steps)
+            for name, r in results.items():
+                r["ratio"] = r["ms"] / first
+                floor = f"{r['floor_ms']:8.3f}" if r["floor_ms"] is not None else "       -"
+                log.info("  %-24s %9.3f ms/step  %6.2fx  (min %.3f, max %.3f; floor %s ms; fused %s)", name, r["ms"],
+                         r["ratio"], r["ms_min"], r["ms_max"], floor, r.get("fused_active", "-"))
+            runs.append({"size": size, "dtype": dtype_name, "results": results})
+    report["runs"] = runs
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "device": str(device), "dtype": args.dtype, "ms_per_step": results}, f,
-                      indent=2)
-    return results
+            json.dump(report, f, indent=2)
+    return report
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ class OptimizerSpec:
     base: str
     components: tuple[str, ...] = ()
     unavailable: str | None = None
+    fused_kernel: bool = False
     factory: Factory | None = field(default=None, repr=False)
 
     @property
@@ -199,7 +200,7 @@ def _normalize(name: str) -> str:
 
 def _signature_defaults(cls: type) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items() if n not in ("self", "params")}
+    return {n: p.default for n, p in params.items() if n not in ("self", "params", "fused")}
 
 
 def _spam_factory(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
@@ -225,6 +226,7 @@ def _in_house_spec(name: str) -> OptimizerSpec:
         needs_model=False,
         description=description,
         base=name,
+        fused_kernel=True,
         factory=factory,
     )
 
@@ -306,6 +308,7 @@ def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> Optimi
         base=base,
         components=components,
         unavailable=unavailable,
+        fused_kernel=base in IN_HOUSE_BASES,
         factory=factory,
     )
 
@@ -361,23 +364,32 @@ def catalog() -> dict[str, str]:
 # --- building -----------------------------------------------------------------------------------------------------
 
 
-def build(name: str, params_or_model: Any, **hparams: Any) -> torch.optim.Optimizer:
-    """Build the optimizer `name` over a model, an iterable of tensors, or a list of param-group dicts.
-
-    Hyperparameters not given take the spec's defaults; unknown ones raise OptimizerConfigError.
-    """
-    s = spec(name)
-    unknown = sorted(set(hparams) - s.accepts)
+def _check_known(s: OptimizerSpec, hparams: dict[str, Any]) -> None:
+    allowed = s.accepts | ({"fused"} if s.fused_kernel else set())
+    unknown = sorted(set(hparams) - allowed)
     if unknown:
         raise OptimizerConfigError(
             f"optimizer {s.name!r} does not accept hyperparameter(s) {', '.join(map(repr, unknown))}; "
-            f"valid hyperparameters: {', '.join(sorted(s.accepts))}"
+            f"valid hyperparameters: {', '.join(sorted(allowed))}"
         )
+
+
+def build(name: str, params_or_model: Any, **hparams: Any) -> torch.optim.Optimizer:
+    """Build the optimizer `name` over a model, an iterable of tensors, or a list of param-group dicts.
+
+    Hyperparameters not given take the spec's defaults; unknown ones raise OptimizerConfigError. Names with
+    ``fused_kernel`` (the in-house Adam family) also take the build option ``fused`` (None: the fused GPU step where
+    it applies; True: require it; False: the foreach path); `resolved_hparams` reports the path as ``fused_active``.
+    """
+    s = spec(name)
+    _check_known(s, hparams)
     if not s.available:
         raise OptimizerUnavailableError(f"optimizer {s.name!r} is {s.unavailable}")
     if s.needs_model and not isinstance(params_or_model, nn.Module):
         raise OptimizerConfigError(f"optimizer {s.name!r} is built from the model: pass the nn.Module, not tensors")
     hp = {**s.defaults, **hparams}
+    if "fused" in hp and hp["fused"] is None:
+        del hp["fused"]
     inp = _param_input(params_or_model)
     assert s.factory is not None
     opt = s.factory(inp, hp)
@@ -392,12 +404,7 @@ def optimizer_class(name: str, **hparams: Any) -> type[torch.optim.Optimizer]:
     ``build(name, params, **{**hparams, **kwargs})`` (the call's keywords win), an instance of the registry's class.
     """
     s = spec(name)
-    unknown = sorted(set(hparams) - s.accepts)
-    if unknown:
-        raise OptimizerConfigError(
-            f"optimizer {s.name!r} does not accept hyperparameter(s) {', '.join(map(repr, unknown))}; "
-            f"valid hyperparameters: {', '.join(sorted(s.accepts))}"
-        )
+    _check_known(s, hparams)
     fixed = dict(hparams)
 
     def __new__(cls: type, params: Any = None, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -484,6 +491,11 @@ def resolved_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
         out["decoupled_weight_decay"] = opt.decoupled_weight_decay
         if "density" in opt.defaults:
             out["seed"] = opt.seed
+        out["fused"] = opt.fused
+        active, reason = opt.fused_status()
+        out["fused_active"] = active
+        if not active:
+            out["fused_reason"] = reason
     if isinstance(opt, StableSPAM):
         out["variant"] = opt.variant
     if isinstance(opt, ComponentWrapper):

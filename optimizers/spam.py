@@ -33,7 +33,8 @@ __all__ = ["SPAM"]
 
 class SPAM(SpikeAwareAdam):
     """SPAM (see the module docstring). Keyword-only extras: ``state_dtype`` ("param" or "float32": optimizer state
-    in float32 for 16-bit parameters) and ``seed`` (for the random subsets of sparse momentum)."""
+    in float32 for 16-bit parameters), ``seed`` (for the random subsets of sparse momentum) and ``fused`` (None: the
+    Triton step of `fused` on CUDA when triton is importable; True: require it; False: the foreach path)."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class SPAM(SpikeAwareAdam):
         *,
         state_dtype: str = "param",
         seed: int = 0,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -65,5 +67,6 @@ class SPAM(SpikeAwareAdam):
             threshold=threshold,
             density=density,
             state_dtype=state_dtype,
+            fused=fused,
             seed=seed,
         )

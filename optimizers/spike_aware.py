@@ -18,6 +18,11 @@ transforms that look at the whole tensor (gradclip, adaclip, adagn) see the whol
 the subset. A subset is a sorted index tensor (int32 below 2^31 entries) drawn from a generator seeded by
 (seed, reset number, parameter index), so a resumed run draws the same subsets. Sparse tensors must be contiguous.
 
+Fused path (``fused``): None takes the Triton step of `fused` when `fused.AUTO_SELECT` is on, the configuration has
+one (SPAM's and Stable-SPAM's), triton is importable and the parameters are CUDA tensors, and the foreach path
+otherwise; True requires it (ValueError naming why not); False always takes the foreach path. Both paths keep the
+same state.
+
 State per parameter: ``step`` (int, Adam's bias-correction counter), ``exp_avg``, ``exp_avg_sq`` (compact when
 sparse), ``subset`` (sparse only), and the component state of `compose.ComponentOptimizer`.
 """
@@ -32,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import fused as fused_steps
 from .compose import Bucket, ComponentOptimizer, Pipeline, StepContext, component_group_defaults
 
 __all__ = ["ADAM_FORMS", "SpikeAwareAdam"]
@@ -70,6 +76,7 @@ class SpikeAwareAdam(ComponentOptimizer):
         density: float | None = None,
         state_dtype: str = "param",
         seed: int = 0,
+        fused: bool | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr!r}")
@@ -102,13 +109,24 @@ class SpikeAwareAdam(ComponentOptimizer):
         self.adam_form = adam_form
         self.seed = int(seed)
         self._param_index: dict[int, int] | None = None
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
         super().__init__(params, defaults, pipeline)
+        self._fused_kind, reason = fused_steps.config_kind(self)
+        if fused is True:
+            reason = reason or fused_steps.triton_unavailable_reason()
+            if reason is None:
+                reason = fused_steps.unsupported_params(self._all_params(), forced=True)
+            if reason is not None:
+                raise ValueError(f"fused=True is not possible: {reason}")
 
     # --- sparse subsets ---------------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._param_index = None
+        self._any_cuda: bool | None = None
 
     def _index_of(self, p: Tensor) -> int:
         if self._param_index is None:
@@ -159,6 +177,34 @@ class SpikeAwareAdam(ComponentOptimizer):
                 state["exp_avg"] = torch.zeros(subset.numel(), dtype=b.dtype, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(subset.numel(), dtype=b.dtype, device=p.device)
 
+    # --- the fused path ---------------------------------------------------------------------------------------------
+
+    def fused_status(self) -> tuple[bool, str | None]:
+        """(whether `step()` takes the fused path for the current parameters, why not when it does not)."""
+        if self.fused is False:
+            return False, "disabled (fused=False)"
+        if self._fused_kind is None:
+            return False, fused_steps.config_kind(self)[1]
+        params = self._all_params()
+        reason = fused_steps.unsupported_params(params, self.fused is True) if params else "no parameters"
+        if reason is None:
+            reason = fused_steps.triton_unavailable_reason()
+        if reason is None and self.fused is None and not fused_steps.AUTO_SELECT:
+            reason = "automatic selection is off until the fused step is checked on a GPU; pass fused=True to use it"
+        return reason is None, reason
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _use_fused(self) -> bool:
+        if self.fused is False or self._fused_kind is None:
+            return False
+        if self.fused is True:
+            return True
+        if self._any_cuda is None:
+            self._any_cuda = any(p.is_cuda for p in self._all_params())
+        return fused_steps.AUTO_SELECT and self._any_cuda and fused_steps.triton_unavailable_reason() is None
+
     # --- the update -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -168,6 +214,10 @@ class SpikeAwareAdam(ComponentOptimizer):
             with torch.enable_grad():
                 loss = closure()
         ctx = self._begin_step()
+        if self._use_fused():
+            assert self._fused_kind is not None
+            fused_steps.fused_step(self, ctx, self._fused_kind, forced=self.fused is True)
+            return loss
         buckets = self._collect(ctx, copy=bool(self.pipeline.transforms))
         self._transform(buckets, ctx)
         for b in buckets:

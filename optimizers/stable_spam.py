@@ -37,7 +37,8 @@ STABLE_SPAM_VARIANTS: dict[str, str] = {"reference": "stable_spam", "clean": "cl
 
 class StableSPAM(SpikeAwareAdam):
     """Stable-SPAM (see the module docstring). Keyword-only extras: ``variant`` ("reference", the published
-    behaviour, or "clean") and ``state_dtype`` ("param" or "float32": state in float32 for 16-bit parameters)."""
+    behaviour, or "clean"), ``state_dtype`` ("param" or "float32": state in float32 for 16-bit parameters) and
+    ``fused`` (None: the Triton step of `fused` on CUDA when triton is importable; True: require it; False: foreach)."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class StableSPAM(SpikeAwareAdam):
         *,
         variant: str = "reference",
         state_dtype: str = "param",
+        fused: bool | None = None,
     ) -> None:
         if variant not in STABLE_SPAM_VARIANTS:
             raise ValueError(f"variant={variant!r} is not one of {', '.join(STABLE_SPAM_VARIANTS)}")
@@ -76,4 +78,5 @@ class StableSPAM(SpikeAwareAdam):
             total_steps=total_steps,
             eta_min=eta_min,
             state_dtype=state_dtype,
+            fused=fused,
         )

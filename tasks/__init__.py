@@ -11,6 +11,7 @@ REGISTRY: dict[str, str] = {
     "llm_pretrain": "tasks.llm_pretrain.task:LLMPretrainTask",
     "rl": "tasks.rl.task:RLTask",
     "forecasting": "tasks.forecasting.task:ForecastingTask",
+    "finetune": "tasks.finetune.task:FinetuneTask",
 }
 
 

@@ -86,6 +86,20 @@ def check_finite(metrics: dict[str, float]) -> None:
         raise Diverged(f"exploding gradient: grad_norm={float(norm):.3g} > {GRAD_NORM_LIMIT:g}")
 
 
+def fill_hparams(optimizer: str, hparams: dict[str, Any], **task_values: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trial's hyperparameters plus the task's values for those the optimizer accepts and the trial leaves unset.
+
+    Tasks supply what the reference runs derived from the run itself (`total_steps` = the trial's optimizer steps for
+    Stable-SPAM's schedule, `seed` for sparse subsets, the preset's `lr`, ...); values of None are not supplied.
+    Returns (all hyperparameters, the ones the task filled) so the filled ones can be tagged on the run.
+    """
+    import optimizers
+
+    accepts = optimizers.spec(optimizer).accepts
+    filled = {k: v for k, v in task_values.items() if v is not None and k in accepts and k not in hparams}
+    return {**hparams, **filled}, filled
+
+
 class LocalContext:
     """An in-process `TrialContext`: keeps metrics in memory and checkpoints in a folder."""
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+           "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local Ray binds 127.0.0.1 only
 os.environ.update(OFFLINE)
 
 

@@ -36,7 +36,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from tasks.base import Diverged, TrialContext
+from tasks.base import Diverged, TrialContext, fill_hparams
 from tasks.forecasting.config import ForecastingConfig
 from tasks.forecasting.data import PreparedData, load_series, prepare
 from tasks.forecasting.models import build_model
@@ -247,15 +247,11 @@ def train_and_evaluate(
 
     spe = steps_per_epoch(split.train, cfg.input_size, cfg.batch_size)
     lr = float(hparams.get("lr", cfg.learning_rate))
-    accepts = optimizers.spec(optimizer).accepts
-    filled: dict[str, Any] = {}  # what the task supplies where the hparams are silent, as the reference runs did
-    if "total_steps" in accepts and "total_steps" not in hparams:
-        filled["total_steps"] = spe * cfg.epochs  # schedule length (Stable-SPAM) = the trial's optimizer steps
-    if "seed" in accepts and "seed" not in hparams:
-        filled["seed"] = seed
-    # The learning rate is bound into the class too: neuralforecast passes `lr` only to classes whose signature
-    # names it.
-    optimizer_cls = optimizers.optimizer_class(optimizer, **{**hparams, "lr": lr, **filled})
+    # What the task supplies where the hparams are silent, as the reference runs did: the schedule length
+    # (Stable-SPAM) is the trial's optimizer steps. The learning rate is bound into the class too: neuralforecast
+    # passes `lr` only to classes whose signature names it.
+    requested, filled = fill_hparams(optimizer, {**hparams, "lr": lr}, total_steps=spe * cfg.epochs, seed=seed)
+    optimizer_cls = optimizers.optimizer_class(optimizer, **requested)
     ctx.set_tags(task_filled_hparams=",".join(f"{k}={v}" for k, v in filled.items()) or "none")
     ctx.log_params(
         {

@@ -46,7 +46,7 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import optimizers
-from tasks.base import Diverged, TrialContext
+from tasks.base import Diverged, TrialContext, fill_hparams
 from tasks.rl.task import RLConfig
 
 log = logging.getLogger(__name__)
@@ -269,10 +269,8 @@ class Trial:
     def create(cls, cfg: RLConfig, optimizer: str, hparams: dict[str, Any], seed: int, device: str) -> Trial:
         lr_source = "hparams" if "lr" in hparams else "task config"
         requested = {**hparams, "lr": float(hparams.get("lr", cfg.lr))}
-        task_filled: dict[str, Any] = {}
-        if "total_steps" in optimizers.spec(optimizer).accepts and "total_steps" not in hparams:
-            task_filled["total_steps"] = cfg.optimizer_steps()  # schedule length = the trial's optimizer steps
-        requested.update(task_filled)
+        # schedule length = the trial's optimizer steps
+        requested, task_filled = fill_hparams(optimizer, requested, total_steps=cfg.optimizer_steps())
         optimizer_cls = optimizers.optimizer_class(optimizer, **requested)
         train_env, eval_env = make_envs(cfg, seed)
         try:

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -93,6 +94,9 @@ def test_ui_shows_trial_runs(smoke, tmp_path):
     shot = Path(os.environ.get("BENCH_TEST_ARTIFACTS", tmp_path)) / "mlflow_ui_trial_run.png"
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 90)
+        bound = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert bound == {"127.0.0.1"}, bound  # loopback unless told otherwise
         experiment_page = dump_dom(chromium, flags, base)
         trial_pages = {r.info.run_name: dump_dom(chromium, flags, f"{base}/{r.info.run_id}") for r in runs}
         subprocess.run([chromium, *flags, f"--screenshot={shot}", f"{base}/{runs[0].info.run_id}"],

@@ -1,0 +1,340 @@
+"""One fine-tuning trial: data, model (full or LoRA), the registry optimizer, the loop, evaluation, checkpoints.
+
+Training examples are the correct answers of the selected sets' training parts, mixed (commonsense-170k style):
+the loss is the cross-entropy of the answer tokens given the prompt, summed over the answer tokens of all
+micro-batches of a step and divided by their number. The order is a fixed function of the trial seed and the
+position in the stream (a fresh permutation per epoch), so a resumed trial sees the data an uninterrupted one would.
+
+The optimizer is `optimizers.build(name, ...)`: over the whole model for full fine-tuning (the registry forms its
+parameter groups), over the trainable parameters only for LoRA (the registry's groups of the trainable adapters,
+or the model itself for optimizers built from the model). The task fills `lr`, `weight_decay`, `total_steps` and
+`seed` where the trial's hyperparameters are silent and the optimizer accepts them (tag `task_filled_hparams`),
+checks that every requested value reached the optimizer, and logs the resolved hyperparameters as `optimizer.*`.
+The learning rate follows a `LambdaLR` on that optimizer: linear warmup from 0 (the Hugging Face convention), then
+linear or cosine decay to `min_lr_ratio` of the peak, or constant.
+
+Checkpoints hold the trainable weights (LoRA: the adapters only; full: every parameter), the optimizer and
+scheduler states, the step, the scores before fine-tuning and the torch RNG states; a resumed trial continues
+exactly where the interrupted one stopped (tested bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+import optimizers
+from tasks.base import Diverged, TrialContext, fill_hparams
+from tasks.finetune.config import FinetuneConfig
+from tasks.finetune.data import SetData, load_sets
+from tasks.finetune.model import LoadedModel, apply_lora, load_base
+from tasks.finetune.scoring import Encoded, collate, continuation_logprobs, encode_pairs, score_examples
+
+log = logging.getLogger(__name__)
+
+SCORING_TAG = ("acc: argmax over choices of answer log-likelihood / answer characters (headline); "
+               "acc_sum: argmax of the summed log-likelihood")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for update `step` (0-based)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
+def check_hparams(opt: torch.optim.Optimizer, name: str, requested: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's resolved hyperparameters; raises unless it is the registry's `name` with `requested`."""
+    info = getattr(opt, "registry_info", None)
+    if info is None or info.name != optimizers.spec(name).name:
+        raise RuntimeError(f"the training optimizer {type(opt).__qualname__} is not the registry's {name!r}")
+    resolved = optimizers.resolved_hparams(opt)
+    wrong = {k: (v, resolved.get(k, "<missing>")) for k, v in requested.items()
+             if _canonical(resolved.get(k)) != _canonical(v)}
+    if wrong:
+        detail = ", ".join(f"{k}: requested {want!r}, optimizer has {got!r}" for k, (want, got) in wrong.items())
+        raise RuntimeError(f"hyperparameters did not reach {type(opt).__name__}: {detail}")
+    return resolved
+
+
+def resolve_device(cfg: FinetuneConfig, ctx_device: str) -> torch.device:
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if cfg.device == "cuda":
+        return torch.device(ctx_device if str(ctx_device).startswith("cuda") else "cuda")
+    return torch.device(ctx_device)
+
+
+@dataclass
+class FinetuneTrial:
+    """The live objects of one trial. `create` builds them; `run_trial` drives them."""
+
+    cfg: FinetuneConfig
+    optimizer_name: str
+    seed: int
+    device: torch.device
+    loaded: LoadedModel
+    sets: list[SetData]
+    train_rows: list[Encoded]
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    total_steps: int
+    resolved: dict[str, Any]
+    lr_source: str
+    task_filled: dict[str, Any]
+    step: int = 0
+    _perms: dict[int, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], seed: int,
+               device: torch.device | str = "cpu") -> FinetuneTrial:
+        device = torch.device(device)
+        sets = load_sets(list(cfg.datasets), cfg.data_source, cfg.data_paths, cfg.hub_ids, cfg.allow_fallback,
+                         cfg.packaged_train_fraction, cfg.max_train_examples, cfg.max_eval_examples)
+        loaded = load_base(cfg, seed)
+        if cfg.method == "lora":
+            loaded = apply_lora(loaded, cfg)
+        loaded.model.to(device)
+        pairs = [(ex.contexts[ex.label], ex.continuations[ex.label]) for s in sets for ex in s.train]
+        if not pairs:
+            raise ValueError(f"no training examples in {[s.name for s in sets]}")
+        train_rows = encode_pairs(loaded.tokenizer, pairs, cfg.max_len)
+        vocab = loaded.model.get_input_embeddings().num_embeddings
+        top = max(max(r.ids) for r in train_rows)
+        if top >= vocab:
+            raise ValueError(f"the tokenizer produces id {top} but {loaded.source} has {vocab} embeddings: "
+                             "set `tokenizer` to the model's own tokenizer")
+        total = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_rows) / cfg.examples_per_step))
+        if cfg.warmup_steps >= total:
+            raise ValueError(f"warmup_steps ({cfg.warmup_steps}) must be smaller than the trial's {total} steps")
+
+        spec = optimizers.spec(optimizer)
+        requested, filled = fill_hparams(optimizer, hparams, weight_decay=cfg.weight_decay, total_steps=total,
+                                         seed=seed)
+        lr_source = "hparams" if "lr" in hparams else "task config"
+        if "lr" in spec.accepts:
+            requested.setdefault("lr", cfg.lr)
+        model = loaded.model
+        params: Any = model if cfg.method == "full" or spec.needs_model else optimizers.param_groups(model)
+        opt = optimizers.build(optimizer, params, **requested)
+        resolved = check_hparams(opt, optimizer, requested)
+        sched = LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
+        return cls(cfg, optimizer, seed, device, loaded, sets, train_rows, opt, sched, total, resolved, lr_source,
+                   filled)
+
+    # --- data order ---------------------------------------------------------------------------------------------
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(len(self.train_rows)))
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            self._perms = {epoch: order}
+        return self._perms[epoch]
+
+    def step_examples(self, step: int) -> list[int]:
+        """Indices of the training rows of update `step` (0-based)."""
+        n, per_step = len(self.train_rows), self.cfg.examples_per_step
+        out = []
+        for pos in range(step * per_step, (step + 1) * per_step):
+            out.append(self._permutation(pos // n)[pos % n])
+        return out
+
+    # --- training -----------------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (gradient accumulation over micro-batches); returns loss, lr, grad_norm, tokens."""
+        self.model.train()
+        idx = self.step_examples(self.step)
+        micro = [idx[i : i + self.cfg.batch_size] for i in range(0, len(idx), self.cfg.batch_size)]
+        batches = [collate([self.train_rows[i] for i in m], self.loaded.tokenizer.pad_token_id, self.device)
+                   for m in micro]
+        n_tokens = sum(int(b["cont_mask"].sum()) for b in batches)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in batches:
+            logprob, _ = continuation_logprobs(self.model, batch)
+            loss = -logprob.sum() / n_tokens
+            loss.backward()
+            total += loss.detach()
+        grads = [p.grad for p in self.trainable().values() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable().values()), self.cfg.max_grad_norm)
+        loss_value = float(total)
+        if math.isfinite(loss_value):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss_value, "lr": lr, "grad_norm": float(norm), "answer_tokens": float(n_tokens)}
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """`acc/<set>`, `acc_sum/<set>` and their means over the sets, `acc` and `acc_sum`."""
+        metrics: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for s in self.sets:
+                scores = score_examples(self.model, self.loaded.tokenizer, s.eval, self.cfg.max_len,
+                                        self.cfg.eval_batch_size, self.device)
+                metrics[f"acc/{s.name}"] = scores.acc
+                metrics[f"acc_sum/{s.name}"] = scores.acc_sum
+        metrics["acc"] = sum(metrics[f"acc/{s.name}"] for s in self.sets) / len(self.sets)
+        metrics["acc_sum"] = sum(metrics[f"acc_sum/{s.name}"] for s in self.sets) / len(self.sets)
+        self.model.train()
+        return metrics
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "trainable": {n: p.detach().cpu() for n, p in self.trainable().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = self.trainable()
+        saved = state["trainable"]
+        if set(saved) != set(params):
+            raise RuntimeError(f"checkpoint does not match the model: {sorted(set(saved) ^ set(params))[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    # --- what to log --------------------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, Any]:
+        opt = self.optimizer
+        out: dict[str, Any] = {f"optimizer.{k}": v for k, v in self.resolved.items()}
+        out.update({
+            "optimizer.class": f"{type(opt).__module__}.{type(opt).__qualname__}",
+            "optimizer.lr_source": self.lr_source,
+            "train.total_steps": self.total_steps,
+            "train.examples": len(self.train_rows),
+            "train.examples_per_step": self.cfg.examples_per_step,
+            "model.params": self.loaded.n_params,
+            "model.trainable_params": self.loaded.n_trainable,
+        })
+        for s in self.sets:
+            out[f"data.{s.name}.train"] = len(s.train)
+            out[f"data.{s.name}.eval"] = len(s.eval)
+        return out
+
+    def tags(self) -> dict[str, str]:
+        cfg = self.cfg
+        tags = {
+            "model_source": self.loaded.source,
+            "model_pretrained": str(self.loaded.pretrained).lower(),
+            "method": cfg.method if cfg.method == "full" else
+            f"lora r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} "
+            f"targets={','.join(cfg.lora_target_modules)}",
+            "optimizer_params": "all parameters" if cfg.method == "full" else "LoRA adapters only (base frozen)",
+            "precision": cfg.precision if cfg.method == "full" or cfg.precision == "fp32"
+            else "bf16 base weights, fp32 LoRA adapters",
+            "scoring": SCORING_TAG,
+            "data_fallback": str(any(s.kind == "packaged" for s in self.sets)).lower(),
+            "device": str(self.device),
+            "task_filled_hparams": ", ".join(f"{k}={v}" for k, v in self.task_filled.items()) or "none",
+        }
+        for s in self.sets:
+            tags[f"data_source.{s.name}"] = s.source + (f" ({'; '.join(s.notes)})" if s.notes else "")
+        if not self.loaded.pretrained:
+            tags["model_note"] = "randomly initialised, NOT pretrained: accuracies are for code-path checks only"
+        return tags
+
+
+def run_trial(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+    """Fine-tune and evaluate (resuming from the context's checkpoint); returns the final metrics."""
+    device = resolve_device(cfg, ctx.device)
+    trial = FinetuneTrial.create(cfg, optimizer, hparams, seed=int(ctx.seed), device=device)
+    ctx.log_params(trial.params())
+    ctx.set_tags(**trial.tags())
+    state = ctx.load_checkpoint()
+    before: dict[str, float] = {}  # acc_start / acc_sum_start: the scores before fine-tuning
+    if state is not None:
+        trial.load_state_dict(state["trial"])
+        before = {k: float(v) for k, v in state.get("before", {}).items()}
+        ctx.set_tags(resumed_from_step=str(trial.step))
+        log.info("resumed fine-tuning at step %d of %d", trial.step, trial.total_steps)
+    elif cfg.eval_at_start:
+        scores = trial.evaluate()
+        ctx.report(step=0, **scores)
+        before = {f"{k}_start": v for k, v in scores.items() if k in ("acc", "acc_sum")}
+        log.info("before fine-tuning: acc %.4f", scores["acc"])
+    every_ckpt = cfg.eval_every if cfg.checkpoint_every is None else cfg.checkpoint_every
+    log.info("fine-tuning %s (%s, %s) with %s: %d steps x %d examples, %d trainable of %d parameters",
+             trial.loaded.source, cfg.method, ",".join(cfg.datasets), optimizer, trial.total_steps,
+             cfg.examples_per_step, trial.loaded.n_trainable, trial.loaded.n_params)
+    final: dict[str, float] = {}
+    last: dict[str, float] = {}
+    window_steps, window_seconds = 0, 0.0
+    while trial.step < trial.total_steps:
+        t0 = time.perf_counter()
+        metrics = trial.train_step()
+        window_seconds += time.perf_counter() - t0
+        window_steps += 1
+        step = trial.step
+        if not math.isfinite(metrics["loss"]):
+            ctx.report(step=step, **metrics)
+            raise Diverged(f"non-finite loss at step {step}")
+        last = metrics
+        if step % cfg.log_every == 0 or step == trial.total_steps:
+            speed = cfg.examples_per_step * window_steps / max(window_seconds, 1e-9)
+            ctx.report(step=step, **metrics, examples_per_sec=speed)
+            window_steps, window_seconds = 0, 0.0
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == trial.total_steps:
+            final = trial.evaluate()
+            ctx.report(step=step, **final)
+            log.info("step %d/%d: loss %.4f, acc %.4f (%s)", step, trial.total_steps, metrics["loss"], final["acc"],
+                     ", ".join(f"{s.name} {final[f'acc/{s.name}']:.3f}" for s in trial.sets))
+        if (every_ckpt and step % every_ckpt == 0) or step == trial.total_steps:
+            ctx.save_checkpoint({"step": step, "trial": trial.state_dict(), "before": before})
+    if not final:  # resumed from the last step's checkpoint
+        final = trial.evaluate()
+    if cfg.save_model:
+        out = ctx.artifact_dir / "model"
+        trial.model.save_pretrained(out)
+        trial.loaded.tokenizer.save_pretrained(out)
+    result = {**final, **before, "steps": float(trial.total_steps)}
+    if last:
+        result["loss"] = last["loss"]
+    return result

