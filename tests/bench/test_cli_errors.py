@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 GOOD = """\
@@ -46,18 +48,40 @@ CASES = {
 }
 
 
+def run_cli(args: list[str], root, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`bench ARGS` in this process (the console entry point, with its exit code), from `root`."""
+    from bench import cli
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BENCH_HOME", str(root / ".bench"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(bench, case):
+def test_bad_input(tmp_path, monkeypatch, capsys, case):
     args, text, needle = CASES[case]
     if text is not None:
-        (bench.root / "bad.yaml").write_text(text)
-    args = [a.replace("{f}", str(bench.root / "bad.yaml")) for a in args]
-    before = sorted(p.name for p in bench.root.iterdir())
-    result = bench(*args, timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert needle in " ".join(result.stderr.split()), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert sorted(p.name for p in bench.root.iterdir()) == before  # nothing written: no store, no results
+        (tmp_path / "bad.yaml").write_text(text)
+    args = [a.replace("{f}", str(tmp_path / "bad.yaml")) for a in args]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_cli(args, tmp_path, monkeypatch, capsys)
+    assert code == 2, out + err
+    assert needle in " ".join(err.split()), err
+    assert "Traceback" not in err + out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no store, no results
+
+
+def test_console_command_exit_code(bench):
+    result = bench("run", "--suite", "nope")
+    assert result.returncode == 2 and "unknown suite 'nope'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_debug_shows_traceback(bench):
