@@ -333,9 +333,17 @@ def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = 
             files.append(out / f"{name}_steps_to_adam.md")
             if fmt == "md":
                 text += "\n\n" + extra
+    from bench import analyses
+
+    for section in analyses.run_analyses(trials, runs, uri, out):  # tables named spikes_*, memory_*, ...
+        sections.append(section.markdown)
+        files += section.files
+        if fmt == "md":
+            text += "\n\n" + section.markdown
     (out / "leaderboard.md").write_text("\n\n".join(sections) + "\n")
     files.append(out / "leaderboard.md")
-    files += plot_curves(trials, runs, uri, out) + plot_sweeps(tables, out)
+    plain = [t for t in tables if analyses.analysis_for(t.name) is None]  # analyses draw their own sweeps
+    files += plot_curves(trials, runs, uri, out) + plot_sweeps(plain, out)
     if parent_run_id:
         c = tracking.client(uri)
         for f in files:

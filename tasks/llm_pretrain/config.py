@@ -31,6 +31,8 @@ class LLMPretrainConfig(TaskConfig):
     compile: bool = Field(False, description="torch.compile the model")
     quant: QuantFormat = Field("none", description="fake quantization of the 7 block projections")
     quant_group_size: int = Field(256, ge=4)
+    quant_bits: int | None = Field(None, ge=2, le=8, description="bit width of the int formats, weights and "
+                                   "activations alike (e.g. 2 or 3 with quant int4); default: 4 for int4, 8 for int8")
     # budget and schedule
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(512, ge=1, description="sequences per optimizer step")
@@ -49,6 +51,9 @@ class LLMPretrainConfig(TaskConfig):
     checkpoint_every: int = Field(1000, ge=0, description="0: never")
     spike_monitor: bool = False
     spike_threshold: float = Field(50.0, gt=0)
+    loss_spike_ratio: float = Field(1.5, gt=1.0, description="a step whose loss exceeds this multiple of the mean "
+                                    "of the previous `loss_spike_window` step losses is a loss spike")
+    loss_spike_window: int = Field(20, ge=1)
     inject_nan_at: int | None = Field(None, ge=1, description="fault injection: the loss of this step becomes NaN")
     # data
     data_source: Literal["auto", "c4", "offline"] = Field(
@@ -77,6 +82,8 @@ class LLMPretrainConfig(TaskConfig):
                              f"({self.micro_batch_size})")
         if self.inject_nan_at is not None and self.inject_nan_at > self.steps:
             raise ValueError(f"inject_nan_at ({self.inject_nan_at}) is after the last step ({self.steps})")
+        if self.quant_bits is not None and self.quant not in ("int4", "int8"):
+            raise ValueError(f"quant_bits applies to the int formats (int4, int8), not to quant={self.quant!r}")
         if self.data_source == "offline" and self.c4_path:
             raise ValueError("c4_path is set but data_source is 'offline'")
         return self

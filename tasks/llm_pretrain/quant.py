@@ -9,7 +9,8 @@ quantized operands. Gradients themselves are not quantized. Rounding is round-to
 Formats (`quant` config field):
 - `int4` / `int8`: weights asymmetric min-max per group (2^b levels, zero point rounded to an integer); input
   activations symmetric absmax per group, levels -(2^(b-1)-1) .. 2^(b-1)-1, with the 2 largest magnitudes of each
-  group kept exact and left out of the absmax (as in the public SPAM code).
+  group kept exact and left out of the absmax (as in the public SPAM code). b is 4 or 8, or `QuantSpec.int_bits`
+  (the `quant_bits` config field) for other widths: INT2 and INT3 are `int4` with `int_bits` 2 and 3.
 - `fp4`: the grid of the public code ("1 exponent bit, 2 mantissa bits, bias 1"), used there for weights and
   activations alike, each symmetric absmax per group with the top-2 magnitudes kept exact. With a = absmax of the
   group, its exponent is floor(log2(3.5|x|/a)) - 2 <= -1 and is then clamped to at least 1 - m = -1, so every value
@@ -49,9 +50,16 @@ class QuantSpec:
     format: QuantFormat = "int4"
     group_size: int = 256
     topk: int = 2  # largest-magnitude entries per activation group kept exact
+    int_bits: int | None = None  # bit width of the int formats (None: 4 for int4, 8 for int8)
+
+    def __post_init__(self) -> None:
+        if self.int_bits is not None and (self.format not in ("int4", "int8") or not 2 <= self.int_bits <= 8):
+            raise ValueError(f"int_bits must be 2..8 with an int format, got {self.int_bits!r} with {self.format!r}")
 
     @property
     def bits(self) -> int:
+        if self.int_bits is not None:
+            return self.int_bits
         return 8 if self.format == "int8" else 4
 
     @property
@@ -164,7 +172,8 @@ class QuantLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, quant={self.spec.format}, group_size={self.spec.group_size}"
+        bits = f", bits={self.spec.bits}" if self.spec.int_bits is not None else ""
+        return f"{super().extra_repr()}, quant={self.spec.format}{bits}, group_size={self.spec.group_size}"
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> int:

@@ -4,7 +4,11 @@ One optimizer step = `batch_size / micro_batch_size` micro-batches whose token-s
 number of predicted (non-pad) tokens of the whole step, so the gradient does not depend on the micro-batch size.
 The learning rate follows a torch `LambdaLR` on the optimizer: linear warmup from 0, then cosine to `min_lr_ratio`
 of the peak. Metrics: `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_sec` every `log_every` steps (the only host
-syncs of the loop), `val_loss` / `val_perplexity` every `eval_every` steps and at the end.
+syncs of the loop), `val_loss` / `val_perplexity` every `eval_every` steps and at the end. For the papers' analyses
+(`stats`): `loss_spikes` / `max_loss_ratio` every `log_every` steps; `optimizer_state_bytes` /
+`optimizer_state_index_bytes` after the first step; with `spike_monitor`, gradient spikes per layer type as metrics
+and per layer in the artifact `spikes_per_layer.csv`; final `loss_spikes_total`, the state bytes, and on CUDA
+`peak_gpu_memory_bytes` (torch.cuda.max_memory_allocated over the run, or since the resume).
 """
 
 from __future__ import annotations
@@ -24,11 +28,19 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 import optimizers
-from tasks.base import Diverged, Resources, Task, TaskConfig, TrialContext
+from tasks.base import Diverged, Resources, Task, TaskConfig, TrialContext, fill_hparams
 from tasks.llm_pretrain.config import PRESETS, LLMPretrainConfig
 from tasks.llm_pretrain.data import Batcher, StepLoader, prepare_data, validation_batches
 from tasks.llm_pretrain.model import PAPER_VOCAB, build_llama, llama_config, matmul_params
 from tasks.llm_pretrain.quant import QuantSpec, quantize_model
+from tasks.llm_pretrain.stats import (
+    LAYER_CSV,
+    LayerSpikeLog,
+    LossSpikeCounter,
+    optimizer_state_bytes,
+    per_layer,
+    without_per_param,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +97,7 @@ def build_optimizer(
     name: str, model: nn.Module, hparams: dict[str, Any], cfg: LLMPretrainConfig, seed: int
 ) -> torch.optim.Optimizer:
     """The registry's optimizer, with the task's lr, weight decay, total_steps and seed where the hparams omit them."""
-    accepts = optimizers.spec(name).accepts
-    hp = dict(hparams)
-    if "seed" in accepts and "seed" not in hp:
-        hp["seed"] = seed
-    if "lr" in accepts and "lr" not in hp and cfg.lr is not None:
-        hp["lr"] = cfg.lr
-    if "weight_decay" in accepts and "weight_decay" not in hp and cfg.weight_decay is not None:
-        hp["weight_decay"] = cfg.weight_decay
-    if "total_steps" in accepts and "total_steps" not in hp:
-        hp["total_steps"] = cfg.steps
+    hp, _ = fill_hparams(name, hparams, seed=seed, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.steps)
     return optimizers.build(name, model, **hp)
 
 
@@ -168,7 +171,8 @@ class Trainer:
         self.model = build_llama(self.model_config, self.device)
         self.n_quantized = 0
         if cfg.quant != "none":
-            self.n_quantized = quantize_model(self.model, QuantSpec(cfg.quant, cfg.quant_group_size))
+            self.n_quantized = quantize_model(self.model, QuantSpec(cfg.quant, cfg.quant_group_size,
+                                                                         int_bits=cfg.quant_bits))
         if cfg.precision == "bf16":
             self.model.to(torch.bfloat16)
         loss_fn = CausalLMLoss(self.model)
@@ -181,6 +185,9 @@ class Trainer:
         self.resolved = optimizers.resolved_hparams(self.optimizer)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         self.monitor = optimizers.SpikeMonitor(self.model, threshold=cfg.spike_threshold) if cfg.spike_monitor else None
+        self.layer_log: LayerSpikeLog | None = None
+        self.loss_spikes = LossSpikeCounter(cfg.loss_spike_ratio, cfg.loss_spike_window, self.device)
+        self.state_bytes: dict[str, float] = {}
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self._val: tuple[list[Batch], int] | None = None
 
@@ -203,12 +210,16 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "data": data_state, "tokens": tokens,
             "window_loss": window.detach().cpu(), "window_steps": window_steps, "train_loss": train_loss, "rng": rng,
             "spike_monitor": self.monitor.state_dict() if self.monitor is not None else {},
+            "loss_spikes": self.loss_spikes.state_dict(), "state_bytes": dict(self.state_bytes),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("loss_spikes"):
+            self.loss_spikes.load_state_dict(state["loss_spikes"])
+        self.state_bytes = dict(state.get("state_bytes", {}))
         if self.monitor is not None and state.get("spike_monitor"):
             self.monitor.load_state_dict(state["spike_monitor"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -249,6 +260,10 @@ class Trainer:
             ctx.log_params({"model.vocab_size": self.model_config.vocab_size, "model.n_params": self.n_params,
                             "model.quantized_linears": self.n_quantized, "data.source": self.corpus.source,
                             "data.tokenizer": self.tokenizer.name})
+        if self.monitor is not None:
+            self.layer_log = LayerSpikeLog(ctx.artifact_dir / LAYER_CSV, start if state is not None else None)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         batcher = Batcher(self.corpus.train, self.tokenizer, cfg.seq_len, cfg.micro_batch_size, cfg.packing,
                           state["data"] if state else None)
         log.info("llm_pretrain: %s LLaMA, %.2fM params (vocab %d), %s, data %s, tokenizer %s, steps %d-%d",
@@ -269,6 +284,7 @@ class Trainer:
         for step in range(start + 1, cfg.steps + 1):
             micro, data_state = loader.next()
             step_loss, n_inputs = self._accumulate(step, micro)
+            self.loss_spikes.update(step_loss)
             log_now = step % cfg.log_every == 0 or step == cfg.steps
             gnorm = grad_norm(model) if log_now else None
             if self.monitor is not None:
@@ -282,15 +298,18 @@ class Trainer:
             window_steps += 1
             if step == 1:
                 self._tag_state_dtype()
+                self.state_bytes = optimizer_state_bytes(opt)
+                ctx.report(step, **self.state_bytes)
 
             if log_now:
                 train_loss = (window / window_steps).item()
                 now = time.perf_counter()
                 metrics = {"loss": train_loss, "lr": lr, "grad_norm": gnorm.item(), "tokens": tokens,
                            "tokens_per_sec": (tokens - tokens_log) / max(now - t_log, 1e-9)}
+                metrics.update(self.loss_spikes.summary())
+                self.loss_spikes.reset()
                 if self.monitor is not None:
-                    metrics.update(self.monitor.summary())
-                    self.monitor.reset()
+                    metrics.update(self._spike_summary(step))
                 ctx.report(step, **metrics)
                 if not math.isfinite(train_loss):
                     raise Diverged(f"non-finite training loss at step {step}")
@@ -306,7 +325,22 @@ class Trainer:
         if not final:  # resumed after the last evaluation point
             final = self.evaluate(cfg.steps)
         return {**final, "train_loss": train_loss, "steps": float(cfg.steps), "tokens": float(tokens),
-                "n_params": float(self.n_params)}
+                "n_params": float(self.n_params), **self._run_statistics()}
+
+    def _spike_summary(self, step: int) -> dict[str, float]:
+        """Gradient spikes of the log window per layer type (metrics); per layer into the CSV artifact."""
+        assert self.monitor is not None
+        summary = self.monitor.summary(per_param=self.layer_log is not None)
+        self.monitor.reset()
+        if self.layer_log is not None:
+            self.layer_log.append(step, per_layer(summary))
+        return without_per_param(summary)
+
+    def _run_statistics(self) -> dict[str, float]:
+        out = {"loss_spikes_total": float(self.loss_spikes.total.item()), **self.state_bytes}
+        if self.device.type == "cuda":
+            out["peak_gpu_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+        return out
 
     def _accumulate(self, step: int, batches: list[Batch]) -> tuple[torch.Tensor, int]:
         """Forward/backward over the micro-batches of one step; returns the step's mean loss and its input tokens."""
