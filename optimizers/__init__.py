@@ -4,7 +4,8 @@ Public API:
 
 - `SPAM`, `StableSPAM`: drop-in `torch.optim.Optimizer`s (need only torch).
 - `build(name, params_or_model, **hparams)`, `available()`, `catalog()`, `spec(name)`, `resolved_hparams(opt)`,
-  `optimizer_class(name, **hparams)`, `param_groups(model)`: the registry (module `registry`).
+  `verify(opt, name, requested)`, `optimizer_class(name, **hparams)`, `param_groups(model)`: the registry (module
+  `registry`).
 - `SpikeMonitor`: per-layer-type gradient spike statistics (module `spike_monitor`).
 - `SpikeAwareAdam`, `ComponentWrapper`: the engines behind the compositions (modules `spike_aware`, `compose`);
   `functional` holds the tensor math of every transform.
@@ -27,6 +28,7 @@ from .registry import (
     param_groups,
     resolved_hparams,
     spec,
+    verify,
 )
 from .spam import SPAM
 from .spike_aware import SpikeAwareAdam
@@ -49,4 +51,5 @@ __all__ = [
     "param_groups",
     "resolved_hparams",
     "spec",
+    "verify",
 ]

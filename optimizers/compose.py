@@ -264,6 +264,16 @@ class ComponentOptimizer(torch.optim.Optimizer):
         The working gradients are copies in the compute dtype when `copy` is set or a cast is needed, otherwise the
         caller's own tensors (which are then only read).
         """
+        buckets = self._buckets(ctx)
+        for bucket in buckets:
+            if copy or bucket.dtype != bucket.params[0].dtype:
+                bucket.work = F.copy_tensors(bucket.grads, bucket.dtype)
+            else:
+                bucket.work = list(bucket.grads)
+        return buckets
+
+    def _buckets(self, ctx: StepContext) -> list[Bucket]:
+        """Parameters with a gradient, bucketed by (group, device, dtype), state initialised, no working copies."""
         buckets: dict[tuple[int, torch.device, torch.dtype], Bucket] = {}
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -283,11 +293,6 @@ class ComponentOptimizer(torch.optim.Optimizer):
                 bucket.params.append(p)
                 bucket.grads.append(grad)
                 bucket.states.append(state)
-        for bucket in buckets.values():
-            if copy or bucket.dtype != bucket.params[0].dtype:
-                bucket.work = F.copy_tensors(bucket.grads, bucket.dtype)
-            else:
-                bucket.work = list(bucket.grads)
         return list(buckets.values())
 
     def _adagn_eps(self, group: dict[str, Any]) -> float:

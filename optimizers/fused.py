@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .compose import Bucket, StepContext, compute_dtype
+from .compose import Bucket, StepContext
 
 if TYPE_CHECKING:
     from .spike_aware import SpikeAwareAdam
@@ -149,30 +149,6 @@ def _grid(n: int) -> tuple[int]:
 # --- the step ---------------------------------------------------------------------------------------------------------
 
 
-def _collect(opt: SpikeAwareAdam, ctx: StepContext) -> list[Bucket]:
-    """Buckets as `ComponentOptimizer._collect` forms them, without working copies of the gradients."""
-    buckets: dict[tuple[int, torch.device, torch.dtype], Bucket] = {}
-    for index, group in enumerate(opt.param_groups):
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients")
-            dtype = compute_dtype(p.dtype, opt.pipeline.state_dtype)
-            key = (index, p.device, p.dtype)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = Bucket(group=group, dtype=dtype)
-            state = opt.state[p]
-            if not state:
-                opt._init_state(p, state, group, dtype, ctx)
-            bucket.params.append(p)
-            bucket.grads.append(grad)
-            bucket.states.append(state)
-    return list(buckets.values())
-
-
 def _kernel_takes(p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
     return ("subset" not in state and g.dtype == p.dtype and g.shape == p.shape and p.is_contiguous()
             and g.is_contiguous() and state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous())
@@ -192,7 +168,7 @@ def _split(b: Bucket) -> tuple[Bucket, Bucket]:
 def fused_step(opt: SpikeAwareAdam, ctx: StepContext, kind: str, forced: bool) -> None:
     """One step of `opt` (whose configuration has the fused step `kind`): fused where it can, foreach elsewhere."""
     rest: list[Bucket] = []
-    for b in _collect(opt, ctx):
+    for b in opt._buckets(ctx):
         why = unsupported_params(b.params[:1], forced)
         if why is not None:
             if forced:

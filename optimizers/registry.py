@@ -465,6 +465,32 @@ def _group_hparams(groups: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _canonical(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
+def verify(opt: torch.optim.Optimizer, name: str, requested: dict[str, Any], where: str = "the optimizer") -> dict[
+        str, Any]:
+    """Check that `opt` (found `where`, e.g. inside a library's model) is the registry's `name` and that every
+    requested hyperparameter reached it; return its resolved hyperparameters. RuntimeError naming what is off."""
+    info: RegistryInfo | None = getattr(opt, "registry_info", None)
+    wanted = spec(name).name
+    if info is None or info.name != wanted:
+        built_as = f"registry {info.name!r}" if info is not None else "not the registry's"
+        raise RuntimeError(f"{where} is {type(opt).__qualname__} ({built_as}), not the registry's {wanted!r}")
+    resolved = resolved_hparams(opt)
+    wrong = {k: (v, resolved.get(k, "<missing>")) for k, v in requested.items()
+             if _canonical(resolved.get(k)) != _canonical(v)}
+    if wrong:
+        detail = ", ".join(f"{k}: requested {want!r}, optimizer has {got!r}" for k, (want, got) in wrong.items())
+        raise RuntimeError(f"hyperparameters did not reach {where} ({type(opt).__name__}): {detail}")
+    return resolved
+
+
 def resolved_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
     """What the optimizer really uses, read back from it (param groups and settings), flat, for logging at step 0.
 

@@ -55,28 +55,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_canonical(v) for v in value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return value
-
-
-def check_hparams(opt: torch.optim.Optimizer, name: str, requested: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer's resolved hyperparameters; raises unless it is the registry's `name` with `requested`."""
-    info = getattr(opt, "registry_info", None)
-    if info is None or info.name != optimizers.spec(name).name:
-        raise RuntimeError(f"the training optimizer {type(opt).__qualname__} is not the registry's {name!r}")
-    resolved = optimizers.resolved_hparams(opt)
-    wrong = {k: (v, resolved.get(k, "<missing>")) for k, v in requested.items()
-             if _canonical(resolved.get(k)) != _canonical(v)}
-    if wrong:
-        detail = ", ".join(f"{k}: requested {want!r}, optimizer has {got!r}" for k, (want, got) in wrong.items())
-        raise RuntimeError(f"hyperparameters did not reach {type(opt).__name__}: {detail}")
-    return resolved
-
-
 def resolve_device(cfg: FinetuneConfig, ctx_device: str) -> torch.device:
     if cfg.device == "cpu":
         return torch.device("cpu")
@@ -137,7 +115,7 @@ class FinetuneTrial:
         model = loaded.model
         params: Any = model if cfg.method == "full" or spec.needs_model else optimizers.param_groups(model)
         opt = optimizers.build(optimizer, params, **requested)
-        resolved = check_hparams(opt, optimizer, requested)
+        resolved = optimizers.verify(opt, optimizer, requested, where="the training optimizer")
         sched = LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
         return cls(cfg, optimizer, seed, device, loaded, sets, train_rows, opt, sched, total, resolved, lr_source,
                    filled)

@@ -188,36 +188,6 @@ def sb3_internal_optimizers(model: BaseAlgorithm) -> dict[str, torch.optim.Optim
     return {}
 
 
-def check_from_registry(path: str, opt: torch.optim.Optimizer, name: str) -> None:
-    """Raise unless `opt` was built by the registry as the optimizer `name` (the registry tags what it builds)."""
-    info = getattr(opt, "registry_info", None)
-    if info is None or info.name != name:
-        built_as = f"registry {info.name!r}" if info is not None else "not the registry's"
-        raise RuntimeError(f"SB3's {path} is {type(opt).__qualname__} ({built_as}), not the registry's {name!r}")
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_canonical(v) for v in value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return value
-
-
-def check_hparams(opt: torch.optim.Optimizer, requested: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer's resolved hyperparameters; raises if a requested one did not reach it."""
-    resolved = optimizers.resolved_hparams(opt)
-    wrong = {
-        k: (v, resolved.get(k, "<missing>"))
-        for k, v in requested.items()
-        if _canonical(resolved.get(k)) != _canonical(v)
-    }
-    if wrong:
-        detail = ", ".join(f"{k}: requested {want!r}, optimizer has {got!r}" for k, (want, got) in wrong.items())
-        raise RuntimeError(f"hyperparameters did not reach {type(opt).__name__}: {detail}")
-    return resolved
-
-
 def _rms_state(rms: RunningMeanStd) -> dict[str, Any]:
     return {"mean": torch.as_tensor(rms.mean), "var": torch.as_tensor(rms.var), "count": float(rms.count)}
 
@@ -278,9 +248,8 @@ class Trial:
             schedule = LRSchedule(cfg.lr_schedule, cfg.total_env_steps(), cfg.steps_per_update())
             model.benchmark_lr = schedule  # type: ignore[attr-defined]
             built = registry_optimizers(model)
-            for path, opt in built.items():
-                check_from_registry(path, opt, optimizers.spec(optimizer).name)
-            resolved = {path: check_hparams(opt, requested) for path, opt in built.items()}
+            resolved = {path: optimizers.verify(opt, optimizer, requested, where=f"SB3's {path}")
+                        for path, opt in built.items()}
             schedule.capture([*built.values(), *sb3_internal_optimizers(model).values()])
         except BaseException:
             train_env.close()

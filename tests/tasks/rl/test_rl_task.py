@@ -18,7 +18,7 @@ from pydantic import ValidationError  # noqa: E402
 import optimizers  # noqa: E402
 from tasks.base import Diverged, LocalContext  # noqa: E402
 from tasks.rl.task import RLConfig, RLTask  # noqa: E402
-from tasks.rl.trainer import Trial, check_from_registry, check_hparams  # noqa: E402
+from tasks.rl.trainer import Trial  # noqa: E402
 
 TASK = RLTask()
 # Two PPO updates of 256 steps per epoch, two passes of 4 minibatches each: about a second per epoch.
@@ -100,16 +100,16 @@ def test_constant_schedule_keeps_the_trials_lr() -> None:
 def test_requested_hparam_that_did_not_arrive_is_an_error() -> None:
     opt = optimizers.build("adam", [torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
     with pytest.raises(RuntimeError, match="lr"):
-        check_hparams(opt, {"lr": 2e-3})
+        optimizers.verify(opt, "adam", {"lr": 2e-3})
 
 
 def test_optimizer_not_built_by_the_registry_is_an_error() -> None:
     plain = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
     with pytest.raises(RuntimeError, match="not the registry's"):
-        check_from_registry("policy.optimizer", plain, "adam")
+        optimizers.verify(plain, "adam", {}, where="SB3's policy.optimizer")
     spam = optimizers.build("spam", [torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(RuntimeError, match="registry 'spam'"):
-        check_from_registry("policy.optimizer", spam, "adam")
+        optimizers.verify(spam, "adam", {}, where="SB3's policy.optimizer")
 
 
 def test_unknown_hparam_is_refused() -> None:
