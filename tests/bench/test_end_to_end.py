@@ -39,9 +39,9 @@ def test_smoke_suite_end_to_end(smoke):
     b, result = smoke
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = trial_runs(b.uri, "bench-smoke")
-    assert {r.data.tags["bench.task"] for r in runs} == {"llm_pretrain", "rl", "forecasting"}
+    metric = {"llm_pretrain": "val_perplexity", "rl": "test_return", "forecasting": "test_mse", "finetune": "acc"}
+    assert {r.data.tags["bench.task"] for r in runs} == set(metric)
     c = MlflowClient(b.uri)
-    metric = {"llm_pretrain": "val_perplexity", "rl": "test_return", "forecasting": "test_mse"}
     for r in runs:
         assert r.data.tags["bench.status"] == "finished"
         assert r.data.tags["mlflow.parentRunId"]
@@ -50,7 +50,7 @@ def test_smoke_suite_end_to_end(smoke):
         assert any(k.startswith(("opt.", "optimizer.")) for k in r.data.params)  # resolved hparams at step 0
         assert f"final.{metric[r.data.tags['bench.task']]}" in r.data.metrics
     llm = [r for r in runs if r.data.tags["bench.task"] == "llm_pretrain"]
-    assert {r.data.tags["bench.optimizer"] for r in llm} == {"adamw", "spam", "stable_spam"}
+    assert {"adamw", "spam", "stable_spam"} <= {r.data.tags["bench.optimizer"] for r in llm}
     for r in llm:
         assert r.data.metrics["final.val_perplexity"] > 1
         loss = c.get_metric_history(r.info.run_id, "loss")
