@@ -49,6 +49,9 @@ def test_smoke_suite_end_to_end(smoke):
         assert r.data.params["optimizer"] == r.data.tags["bench.optimizer"]
         assert any(k.startswith(("opt.", "optimizer.")) for k in r.data.params)  # resolved hparams at step 0
         assert f"final.{metric[r.data.tags['bench.task']]}" in r.data.metrics
+    for task, curve in (("rl", "test_return"), ("forecasting", "test_mse"), ("finetune", "acc")):
+        for r in (r for r in runs if r.data.tags["bench.task"] == task):
+            assert len(c.get_metric_history(r.info.run_id, curve)) >= 2, (task, curve)  # a curve, not one number
     llm = [r for r in runs if r.data.tags["bench.task"] == "llm_pretrain"]
     assert {"adamw", "spam", "stable_spam"} <= {r.data.tags["bench.optimizer"] for r in llm}
     for r in llm:
