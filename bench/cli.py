@@ -67,10 +67,15 @@ def _print_matrix(trials: list[Any]) -> None:
                       t.key, f"{e.gpus:g}", f"{e.flops / 1e15:.3g}" if e.flops else "n/a",
                       f"{e.gpu_hours:.3g}" if e.flops else "n/a")
     console.print(table)
-    unknown = sum(1 for e in est.values() if not e.flops)
     total = sum(e.gpu_hours for e in est.values())
-    console.print(f"{len(est)} distinct trials; estimated {total:.2f} GPU-hours at {describe_throughput()}"
-                  + (f"; {unknown} trials state no FLOP count (CPU-bound tasks), not included" if unknown else ""))
+    cpu_bound = [e for e in est.values() if not e.flops]
+    line = f"{len(est)} distinct trials; estimated {total:.2f} GPU-hours at {describe_throughput()}"
+    if cpu_bound:
+        cpu = sum(e.cpu_hours for e in cpu_bound)
+        unknown = sum(1 for e in cpu_bound if not e.seconds)
+        line += f"; {len(cpu_bound)} trials are not FLOP-bound: {cpu:.1f} CPU-hours"
+        line += f" ({unknown} of them state no estimate)" if unknown else ""
+    console.print(line)
 
 
 def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_concurrent: int,

@@ -17,6 +17,7 @@ class Estimate:
     key: str
     label: str
     flops: float
+    seconds: float  # the task's own wall-clock estimate, for tasks not bound by FLOPs
     gpus: float
     cpus: float
 
@@ -24,6 +25,11 @@ class Estimate:
     def gpu_hours(self) -> float:
         """GPU time the trial's FLOPs take at the stated throughput (0 when the task states no FLOP count)."""
         return self.flops / THROUGHPUT / 3600
+
+    @property
+    def cpu_hours(self) -> float:
+        """CPU time of a task that states wall-clock seconds instead of FLOPs."""
+        return self.seconds * self.cpus / 3600
 
 
 def estimate(trials: list[Trial]) -> list[Estimate]:
@@ -34,7 +40,8 @@ def estimate(trials: list[Trial]) -> list[Estimate]:
         task = tasks.get_task(spec.task)
         cfg = task.Config(**spec.config)
         res = task.resources(cfg)
-        out.append(Estimate(spec.key(), spec.label(), task.estimate_flops(cfg), res.gpus * res.workers, res.cpus))
+        out.append(Estimate(spec.key(), spec.label(), task.estimate_flops(cfg), task.estimate_seconds(cfg),
+                            res.gpus * res.workers, res.cpus))
     return out
 
 

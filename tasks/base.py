@@ -162,6 +162,10 @@ class Task(ABC):
         """Approximate training FLOPs of one trial, for GPU-hour estimates (0 when unknown)."""
         return 0.0
 
+    def estimate_seconds(self, cfg: TaskConfig) -> float:
+        """Wall-clock seconds of one trial on its declared resources, for tasks not bound by FLOPs (0 when unknown)."""
+        return 0.0
+
     @abstractmethod
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         """Train and evaluate; report curves through `ctx`; return the final metrics (must include `metric`)."""
