@@ -30,7 +30,6 @@ class Cell:
     values: list[float] = field(default_factory=list)
     diverged: int = 0
     missing: int = 0
-    mode: str = "min"
     summary: str = "mean"
 
     @property
@@ -146,7 +145,7 @@ def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
         cells: dict[tuple[str, str], Cell] = {}
         seen: set[tuple[str, str, str]] = set()
         for t in members:
-            cell = cells.setdefault((t.row, _column(t)), Cell(mode=task.mode, summary=summary))
+            cell = cells.setdefault((t.row, _column(t)), Cell(summary=summary))
             if (t.row, _column(t), t.key) in seen:
                 continue
             seen.add((t.row, _column(t), t.key))

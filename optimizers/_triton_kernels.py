@@ -23,18 +23,25 @@ def _store(ptrs, x, mask):
 
 
 @triton.jit
-def spam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, w1, beta2, w2, eps, step_size, decay, threshold,
-                CLIP: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _load_moments(m_ptr, v_ptr, offs, mask, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+    """The moments in float32: zeros on a reset step (ZERO), else loaded."""
     if ZERO:
         m = tl.zeros([BLOCK], dtype=tl.float32)
         v = tl.zeros([BLOCK], dtype=tl.float32)
     else:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return m, v
+
+
+@triton.jit
+def spam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, w1, beta2, w2, eps, step_size, decay, threshold,
+                CLIP: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m, v = _load_moments(m_ptr, v_ptr, offs, mask, ZERO, BLOCK)
     if CLIP:
         bound = tl.sqrt_rn(v * threshold)
         g = tl.maximum(tl.minimum(g, bound), -bound)
@@ -67,12 +74,7 @@ def stable_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, t_hat_ptr, ratio_ptr, factor_pt
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ZERO:
-        m = tl.zeros([BLOCK], dtype=tl.float32)
-        v = tl.zeros([BLOCK], dtype=tl.float32)
-    else:
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m, v = _load_moments(m_ptr, v_ptr, offs, mask, ZERO, BLOCK)
     t_hat = tl.load(t_hat_ptr).to(tl.float32)
     ratio = tl.load(ratio_ptr).to(tl.float32)
     factor = tl.load(factor_ptr).to(tl.float32)

@@ -34,7 +34,8 @@ __all__ = ["SPAM"]
 class SPAM(SpikeAwareAdam):
     """SPAM (see the module docstring). Keyword-only extras: ``state_dtype`` ("param" or "float32": optimizer state
     in float32 for 16-bit parameters), ``seed`` (for the random subsets of sparse momentum) and ``fused`` (None: the
-    Triton step of `fused` on CUDA when triton is importable; True: require it; False: the foreach path)."""
+    Triton step of `fused` on CUDA when `fused.AUTO_SELECT` is on and triton is importable; True: require it; False:
+    the foreach path)."""
 
     def __init__(
         self,

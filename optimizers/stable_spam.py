@@ -38,7 +38,8 @@ STABLE_SPAM_VARIANTS: dict[str, str] = {"reference": "stable_spam", "clean": "cl
 class StableSPAM(SpikeAwareAdam):
     """Stable-SPAM (see the module docstring). Keyword-only extras: ``variant`` ("reference", the published
     behaviour, or "clean"), ``state_dtype`` ("param" or "float32": state in float32 for 16-bit parameters) and
-    ``fused`` (None: the Triton step of `fused` on CUDA when triton is importable; True: require it; False: foreach)."""
+    ``fused`` (None: the Triton step of `fused` on CUDA when `fused.AUTO_SELECT` is on and triton is importable; True:
+    require it; False: foreach)."""
 
     def __init__(
         self,
