@@ -116,9 +116,9 @@ class Analysis:
             self._hist[key] = sorted((m.step, m.value) for m in points)
         return self._hist[key]
 
-    def cell(self, trials: list[Trial], metric: str, mode: str = "min") -> Cell:
+    def cell(self, trials: list[Trial], metric: str) -> Cell:
         """Final `metric` over the trials (seeds): values of finished trials, diverged ones counted."""
-        cell = Cell(mode=mode)
+        cell = Cell()
         for t in trials:
             value = self.final(t, metric)
             if self.status(t) == "diverged":
@@ -384,7 +384,7 @@ def memory_efficiency(a: Analysis) -> Section:
         index = [v for t in done if (v := a.final(t, "optimizer_state_index_bytes")) is not None]
         adam = _adam_state(a, s.column)
         ratio = f"{statistics.fmean(state) / adam:.2f}×" if state and adam else "—"
-        cell = a.cell(trials, task.metric, task.mode)
+        cell = a.cell(trials, task.metric)
         body.append([s.column, s.label(), cell.text(), _mib(state), ratio, _mib(index), _peak_text(a, done),
                      str(cell.seeds)])
         if state and cell.values:
@@ -421,13 +421,13 @@ def _sweep_key(keys: set[str]) -> str | None:
     return "lr" if "lr" in keys else sorted(keys)[0]
 
 
-def _sensitivity_metric(a: Analysis) -> tuple[str, str]:
+def _sensitivity_metric(a: Analysis) -> str:
     import tasks
 
     task = tasks.get_task(a.trials[0].spec.task)
     if any(a.final(t, "val_loss") is not None for t in a.trials):
-        return "val_loss", "min"
-    return task.metric, task.mode
+        return "val_loss"
+    return task.metric
 
 
 def _numeric(values: list[Any]) -> bool:
@@ -435,7 +435,7 @@ def _numeric(values: list[Any]) -> bool:
 
 
 def sensitivity(a: Analysis) -> Section:
-    metric, mode = _sensitivity_metric(a)
+    metric = _sensitivity_metric(a)
     sections, panels = [], []
     for column in a.columns:
         members = {s: ts for s, ts in a.series.items() if s.column == column}
@@ -445,7 +445,7 @@ def sensitivity(a: Analysis) -> Section:
         lines: dict[str, dict[Any, Cell]] = defaultdict(dict)
         for s, trials in members.items():
             if key in dict(s.point):
-                lines[s.label(leave_out=[key])][dict(s.point)[key]] = a.cell(trials, metric, mode)
+                lines[s.label(leave_out=[key])][dict(s.point)[key]] = a.cell(trials, metric)
         xs = sorted({x for cells in lines.values() for x in cells}, key=lambda v: (str(type(v)), v))
         body = [[label, *[cells[x].text() if x in cells else "—" for x in xs]] for label, cells in lines.items()]
         sections.append(_md_table(f"#### {column}: final {metric} against {key}", ["optimizer", *map(str, xs)], body))
