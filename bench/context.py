@@ -1,6 +1,6 @@
 """The trial context the harness gives a task: metrics to Ray Tune and MLflow, checkpoints in a per-trial folder.
 
-Metric points are buffered and written to MLflow when a checkpoint is saved, every `flush_seconds`, and at the end.
+Metric points are buffered and written to MLflow before each checkpoint, every `flush_seconds`, and at the end.
 The highest step written per metric is kept beside the checkpoint, so a trial resumed after a kill does not write
 the points it recomputes a second time.
 """
@@ -65,10 +65,12 @@ class HarnessContext:
             tracking.retry(lambda k=k, v=v: c.set_tag(self.run_id, k, str(v)))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        # Points first, checkpoint second: a kill in between resumes from the older checkpoint and skips the points
+        # already written, whereas the other order would resume past points that were never written.
+        self.flush()
         tmp = self._ckpt.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self._ckpt)
-        self.flush()
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self._ckpt.exists():
