@@ -91,7 +91,7 @@ def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_
     for s in specs:
         task = tasks.get_task(s.task)
         r = task.resources(task.Config(**s.config))
-        resources[s.key()] = {"cpus": r.cpus, "gpus": r.gpus}
+        resources[s.key()] = {"cpus": r.cpus, "gpus": r.gpus, "workers": r.workers}
     opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"])
     with TrialProgress(console, specs) as progress:
         summary = run_specs(specs, resources, experiment_name(suite_name), opts,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench import tracking
-from tasks.base import check_finite
+from tasks.base import LocalContext, check_finite
 
 
 class HarnessContext:
@@ -96,3 +96,15 @@ class HarnessContext:
     def upload_artifacts(self) -> None:
         if any(self.artifact_dir.iterdir()):
             tracking.retry(lambda: tracking.client(self.uri).log_artifacts(self.run_id, str(self.artifact_dir)))
+
+
+class ReplicaContext(LocalContext):
+    """The context of a data-parallel worker other than rank 0: it reads rank 0's checkpoint and checks its metrics
+    (so every rank stops on a divergence together) but writes nothing that rank 0 owns."""
+
+    def __init__(self, trial_dir: Path, seed: int, device: str) -> None:
+        super().__init__(seed=seed, device=device)  # artifacts go to a scratch folder
+        self._ckpt = trial_dir / "checkpoint.pt"
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Rank 0 saves the (identical) state."""

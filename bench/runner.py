@@ -2,11 +2,15 @@
 
 Resuming is by content hash: a trial whose child run says `finished` or `diverged` is skipped; any other existing
 run for the key is adopted by the new parent run and its trial resumes from the checkpoint in its trial folder.
+
+A trial whose task asks for several workers runs data-parallel: its Tune trial starts a Ray Train `TorchTrainer`
+(DDP over NCCL on GPUs, gloo on CPUs) whose rank 0 logs and checkpoints exactly as a single-worker trial does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import traceback
 from dataclasses import dataclass, field
@@ -14,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import tracking
-from bench.context import HarnessContext
+from bench.context import HarnessContext, ReplicaContext
 from bench.spec import TrialSpec
 
 log = logging.getLogger(__name__)
+
+# What the Tune trial of a data-parallel trial holds while its Ray Train workers run (Tune refuses an empty request).
+DRIVER_CPUS = 0.01
+
 
 class ClusterError(RuntimeError):
     """The Ray cluster or the tracking store cannot serve this run (raised before any trial starts)."""
@@ -51,14 +59,15 @@ def _device(gpus: float) -> str:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def run_trial(trial: dict[str, Any], tune_report: bool = True) -> dict[str, Any]:
-    """Run one trial to its end; the body of every Ray Tune trial. Returns status and final metrics."""
+def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | None = None) -> dict[str, Any]:
+    """Run one trial to its end; the body of every Ray Tune trial (and of rank 0 of a data-parallel one).
+    Returns the final metrics and `bench_status`."""
     import tasks
     from tasks.base import Diverged
 
     spec = TrialSpec(**trial["spec"])
     uri, run_id = trial["tracking_uri"], trial["run_id"]
-    ctx = HarnessContext(uri, run_id, Path(trial["trial_dir"]), spec.seed, _device(trial["gpus"]),
+    ctx = HarnessContext(uri, run_id, Path(trial["trial_dir"]), spec.seed, device or _device(trial["gpus"]),
                          tune_report=tune_report)
     c = tracking.client(uri)
     tracking.retry(lambda: c.set_tag(run_id, tracking.STATUS_TAG, "running"))
@@ -81,11 +90,56 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True) -> dict[str, Any]
     tracking.log_metrics(uri, run_id, [(int(ctx.last_metrics.get("step", 0)), k, v, 0) for k, v in finals.items()])
     ctx.set_tags(**{tracking.STATUS_TAG: status, **({"bench.diverged_reason": reason[:5000]} if reason else {})})
     tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
+    result = {**{k.replace("/", "."): v for k, v in finals.items()}, "bench_status": status}
     if tune_report:
         from ray import tune
 
-        tune.report({**{k.replace("/", "."): v for k, v in finals.items()}, "bench_status": status})
-    return {"status": status, **finals}
+        tune.report(result)
+    return result
+
+
+def run_replica(trial: dict[str, Any], device: str) -> dict[str, Any]:
+    """Rank > 0 of a data-parallel trial: the same training, with nothing logged."""
+    import tasks
+    from tasks.base import Diverged
+
+    spec = TrialSpec(**trial["spec"])
+    task = tasks.get_task(spec.task)
+    ctx = ReplicaContext(Path(trial["trial_dir"]), spec.seed, device)
+    try:
+        task.run(task.Config(**spec.config), spec.optimizer, spec.hparams, ctx)
+    except Diverged:
+        return {"bench_status": "diverged"}
+    return {"bench_status": "finished"}
+
+
+def fit_to_cluster(specs: list[TrialSpec], resources: dict[str, dict[str, float]],
+                   cluster: dict[str, float]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Trial requests a local Ray instance can serve, and notes on what changed. On a cluster without GPUs, trials
+    run on CPUs; CPU requests shrink to the cluster's CPUs; a data-parallel worker takes a whole GPU. A trial that
+    needs more GPUs than the cluster has is an error (a local instance does not grow)."""
+    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 1.0)
+    fitted, notes, too_big = {}, [], []
+    on_cpu = 0
+    for spec in specs:
+        r = {"workers": 1, **resources[spec.key()]}
+        workers = int(r["workers"])
+        if r["gpus"] and not gpus:
+            r["gpus"], on_cpu = 0.0, on_cpu + 1
+        if r["gpus"] and workers > 1:
+            r["gpus"] = float(math.ceil(r["gpus"]))  # NCCL needs one device per rank
+        r["cpus"] = min(r["cpus"], cpus / workers if workers == 1 else (cpus - DRIVER_CPUS) / workers)
+        if r["gpus"] * workers > gpus:
+            too_big.append(f"{spec.task} {spec.optimizer} seed {spec.seed} ({spec.key()}) needs "
+                           f"{r['gpus'] * workers:g} GPUs ({workers} workers)")
+        fitted[spec.key()] = r
+    if too_big:
+        raise ClusterError(f"the Ray cluster has {gpus:g} GPUs, too few for {len(too_big)} trial(s): "
+                           + "; ".join(too_big[:5]) + ". Run them on a larger cluster (--address) or with fewer "
+                           "data-parallel workers (--set task.workers=1).")
+    if on_cpu:
+        notes.append(f"no GPU in the Ray cluster: {on_cpu} trial(s) that ask for GPUs run on CPUs")
+    return fitted, notes
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
@@ -115,7 +169,7 @@ def _init_ray(opts: RunOptions) -> None:
         if opts.address:
             ray.init(address=opts.address, **kwargs)
         else:
-            ray.init(_node_ip_address="127.0.0.1", **kwargs)
+            ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)  # never a cluster found on disk
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or its own types
         raise ClusterError(f"could not connect to Ray at {opts.address or 'a new local instance'}: {exc}") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -147,6 +201,12 @@ def run_specs(specs: list[TrialSpec], resources: dict[str, dict[str, float]], ex
     todo = [s for s in specs if s.key() not in done]
     if todo:
         _init_ray(opts)
+        if not opts.address:  # a cluster may grow; a local instance has what it has
+            import ray
+
+            resources, notes = fit_to_cluster(todo, resources, ray.cluster_resources())
+            for note in notes:
+                log.warning(note)
     tracking.close_stale_parents(uri, exp_id)
     parent = tracking.start_parent(uri, exp_id, parent_tags.get("bench.suite", experiment), parent_tags)
     summary = RunSummary(parent, exp_id, skipped=[s.key() for s in specs if s.key() in done])
@@ -184,6 +244,8 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
 
     def placement(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         t = config["trial"]
+        if t.get("workers", 1) > 1:  # the Ray Train workers reserve their own resources
+            return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
         bundle = {"CPU": t["cpus"]} | ({"GPU": t["gpus"]} if t["gpus"] else {})
         return tune.PlacementGroupFactory([bundle])
 
@@ -209,4 +271,44 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
 
 
 def _tune_trainable(config: dict[str, Any]) -> None:
-    run_trial(config["trial"])
+    trial = config["trial"]
+    if trial.get("workers", 1) > 1:
+        _fit_data_parallel(trial)
+    else:
+        run_trial(trial)
+
+
+def _fit_data_parallel(trial: dict[str, Any]) -> None:
+    """Run one trial on `workers` Ray Train workers from inside its Tune trial (which Tune retries on failure)."""
+    from ray import train, tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpus = trial["gpus"]
+    per_worker = {"CPU": trial["cpus"]} | ({"GPU": gpus} if gpus else {})
+    run_name = f"{trial['key']}-{tune.get_context().get_trial_id()}"
+    trainer_storage = str(tracking.home() / "ray_train")
+    trainer = TorchTrainer(
+        _data_parallel_worker,
+        train_loop_config={"trial": trial},
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=train.ScalingConfig(num_workers=trial["workers"], use_gpu=bool(gpus),
+                                           resources_per_worker=per_worker),
+        run_config=train.RunConfig(name=run_name, storage_path=trainer_storage, callbacks=[TuneReportCallback()]),
+    )
+    try:
+        trainer.fit()  # rank 0's final report reaches Tune through the callback
+    finally:
+        shutil.rmtree(Path(trainer_storage) / run_name, ignore_errors=True)
+
+
+def _data_parallel_worker(config: dict[str, Any]) -> None:
+    from ray import train
+    from ray.train.torch import get_device
+
+    trial, device = config["trial"], str(get_device())
+    if train.get_context().get_world_rank() == 0:
+        result = run_trial(trial, tune_report=False, device=device)
+    else:
+        result = run_replica(trial, device)
+    train.report(result)

@@ -28,7 +28,7 @@ GRAD_NORM_LIMIT = 1e6
 
 
 class Resources(BaseModel):
-    """What one trial asks the scheduler for. `gpus` may be a fraction so small trials share a GPU."""
+    """What one trial asks the scheduler for, per worker. `gpus` may be a fraction so small trials share a GPU."""
 
     model_config = ConfigDict(extra="forbid")
     cpus: float = Field(1.0, ge=0)

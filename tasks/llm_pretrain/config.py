@@ -37,6 +37,8 @@ class LLMPretrainConfig(TaskConfig):
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(512, ge=1, description="sequences per optimizer step")
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    workers: int = Field(1, ge=1, description="data-parallel workers (Ray Train + DDP; one GPU each on CUDA) that "
+                         "share each step's micro-batches: the global batch stays batch_size")
     steps: int = Field(10_000, ge=1)
     warmup_steps: int = Field(1000, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -80,6 +82,9 @@ class LLMPretrainConfig(TaskConfig):
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
+        if self.accumulation % self.workers:
+            raise ValueError(f"the {self.accumulation} micro-batches of a step (batch_size / micro_batch_size) do not "
+                             f"split evenly over {self.workers} workers")
         if self.inject_nan_at is not None and self.inject_nan_at > self.steps:
             raise ValueError(f"inject_nan_at ({self.inject_nan_at}) is after the last step ({self.steps})")
         if self.quant_bits is not None and self.quant not in ("int4", "int8"):
@@ -107,12 +112,14 @@ def _paper(size: str, steps: int, lr: float, micro: int, **extra: Any) -> dict[s
         "model_size": size, "seq_len": 256, "batch_size": 512, "micro_batch_size": micro, "steps": steps,
         "warmup_steps": 1000, "min_lr_ratio": 0.1, "lr": lr, "weight_decay": 0.0, "precision": "bf16",
         "compile": True, "eval_every": 1000, "eval_tokens": 10_000_000, "log_every": 10, "checkpoint_every": 1000,
-        **extra,
+        "workers": _WORKERS[size], **extra,
     }
 
 
 # size -> (steps, peak lr, micro batch that fits an 80 GB H100 compiled) of the bf16 runs (Stable-SPAM Table 7 lrs)
 _BF16 = {"60m": (10_000, 1e-3, 256), "130m": (20_000, 8e-4, 256), "350m": (60_000, 4e-4, 128), "1b": (90_000, 2e-4, 64)}
+# size -> data-parallel GPUs per trial (Ray Train) of the paper presets
+_WORKERS = {"60m": 1, "130m": 1, "350m": 2, "1b": 4}
 # size -> peak lr of the 4-bit runs (20K steps)
 _LOWBIT_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 5e-4, "1b": 5e-4}
 

@@ -9,6 +9,11 @@ syncs of the loop), `val_loss` / `val_perplexity` every `eval_every` steps and a
 `optimizer_state_index_bytes` after the first step; with `spike_monitor`, gradient spikes per layer type as metrics
 and per layer in the artifact `spikes_per_layer.csv`; final `loss_spikes_total`, the state bytes, and on CUDA
 `peak_gpu_memory_bytes` (torch.cuda.max_memory_allocated over the run, or since the resume).
+
+Data parallel: run inside an initialized `torch.distributed` process group (the harness starts one with Ray Train for
+`workers` > 1), each rank reads the same data stream and takes its contiguous share of every step's micro-batches;
+DDP sums the gradients, so the update is the one of a single process with the same global batch. Losses and
+evaluation are reduced over the ranks, so every rank sees (and stops on) the same numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -87,6 +93,20 @@ class CausalLMLoss(nn.Module):
         return token_loss_sum(self.model, ids, targets)
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel process group, (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks of the process group (in place; no-op in a single process)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def grad_norm(model: nn.Module) -> torch.Tensor:
     """Global L2 norm of all gradients, on the device (no host sync)."""
     norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in model.parameters() if p.grad is not None]
@@ -103,15 +123,17 @@ def build_optimizer(
 
 @torch.no_grad()
 def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any) -> float:
-    """Mean cross-entropy over the predicted (non-pad) tokens of the held-out batches (`loss_fn`: a CausalLMLoss)."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for ids, labels in batches:
+    """Mean cross-entropy over the predicted (non-pad) tokens of the held-out batches (`loss_fn`: a CausalLMLoss).
+    In a process group each rank evaluates its share of the batches and the sums are reduced."""
+    rank, size = world()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
+    for ids, labels in batches[rank::size]:
         targets = shifted_targets(labels)
-        count += int((targets != -100).sum())
+        total[1] += int((targets != -100).sum())
         with autocast():
-            total += loss_fn(ids.to(device), targets.to(device)).double()
-    return total.item() / max(count, 1)
+            total[0] += loss_fn(ids.to(device), targets.to(device)).double()
+    loss_sum, count = all_sum(total).tolist()
+    return loss_sum / max(count, 1.0)
 
 
 class LLMPretrainTask(Task):
@@ -126,10 +148,10 @@ class LLMPretrainTask(Task):
     def resources(self, cfg: TaskConfig) -> Resources:
         assert isinstance(cfg, LLMPretrainConfig)
         if cfg.model_size == "tiny":
-            return Resources(cpus=1, gpus=0)
+            return Resources(cpus=1, gpus=0, workers=cfg.workers)
         if cfg.model_size == "mini":
-            return Resources(cpus=1, gpus=0.25)
-        return Resources(cpus=4, gpus=1)
+            return Resources(cpus=1, gpus=0.25, workers=cfg.workers)
+        return Resources(cpus=4, gpus=1, workers=cfg.workers)
 
     def estimate_flops(self, cfg: TaskConfig) -> float:
         """6 * N * tokens + 12 * layers * hidden * seq_len * tokens (attention scores and values, forward and
@@ -158,6 +180,7 @@ class Trainer:
     def __init__(self, cfg: LLMPretrainConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.device = torch.device(ctx.device)
+        self.rank, self.world_size = world()
         seed_everything(ctx.seed)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
@@ -175,7 +198,12 @@ class Trainer:
                                                                          int_bits=cfg.quant_bits))
         if cfg.precision == "bf16":
             self.model.to(torch.bfloat16)
-        loss_fn = CausalLMLoss(self.model)
+        loss_fn: nn.Module = CausalLMLoss(self.model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            loss_fn = DistributedDataParallel(loss_fn, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.no_sync = getattr(loss_fn, "no_sync", contextlib.nullcontext)
         if cfg.compile:
             torch.compiler.reset()  # a fresh trial: drop graphs of earlier trials in this process
         self.loss_fn: nn.Module = torch.compile(loss_fn) if cfg.compile else loss_fn
@@ -343,20 +371,25 @@ class Trainer:
         return out
 
     def _accumulate(self, step: int, batches: list[Batch]) -> tuple[torch.Tensor, int]:
-        """Forward/backward over the micro-batches of one step; returns the step's mean loss and its input tokens."""
+        """Forward/backward over this rank's micro-batches of one step; returns the step's mean loss (over all ranks)
+        and its input tokens."""
         targets = [shifted_targets(labels) for _, labels in batches]
         n_pred = max(1, sum(int((t != -100).sum()) for t in targets))
         n_inputs = sum(int((labels != -100).sum()) for _, labels in batches)
+        share = len(batches) // self.world_size
+        mine = slice(self.rank * share, (self.rank + 1) * share)
         step_loss = torch.zeros((), device=self.device)
-        for (ids, _), tgt in zip(batches, targets, strict=True):
+        for i, ((ids, _), tgt) in enumerate(zip(batches[mine], targets[mine], strict=True)):
             with self.autocast():
                 loss = self.loss_fn(ids.to(self.device, non_blocking=True),
                                     tgt.to(self.device, non_blocking=True)) / n_pred
             if step == self.cfg.inject_nan_at:
                 loss = loss * float("nan")
-            loss.backward()
+            # DDP averages the gradients over the ranks (scale back up to a sum) and syncs at the last micro-batch
+            with self.no_sync() if i < share - 1 else contextlib.nullcontext():
+                (loss * self.world_size).backward()
             step_loss += loss.detach()
-        return step_loss, n_inputs
+        return all_sum(step_loss), n_inputs
 
     def _tag_state_dtype(self) -> None:
         dtypes = {t.dtype for s in self.optimizer.state.values() for t in s.values()

@@ -135,7 +135,7 @@ def test_eight_concurrent_trials_lose_no_metric_points(tmp_path, monkeypatch):
     _, trials = load_trials(str(tmp_path / "s.yaml"))
     specs = unique_specs(trials)
     assert len(specs) == 8
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         summary = run_specs(specs, {s.key(): {"cpus": 1, "gpus": 0} for s in specs}, "bench-concurrent",
                             RunOptions(tracking_uri=uri), {"bench.suite": "concurrent"})
