@@ -200,16 +200,32 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _task_fields(task: str) -> set[str]:
+    import tasks
+
+    try:
+        return set(tasks.get_task(task).Config.model_fields)
+    except KeyError:
+        return set()  # an unknown task is reported with the other suite errors
+
+
 def apply_sets(suite: Suite, sets: dict[str, Any]) -> Suite:
+    """Apply `--set` overrides; `task.X` goes to the experiments whose task has a field X (and must fit one)."""
     if not sets:
         return suite
+    for key in sets:
+        root, _, name = key.partition(".")
+        if root == "task" and not any(name in _task_fields(e.task) for e in suite.experiments):
+            valid = sorted(set().union(*(_task_fields(e.task) for e in suite.experiments)))
+            raise SuiteError(f"bad --set {key}: no task of this suite has a field {name!r}; valid: {', '.join(valid)}")
     exps = []
     for exp in suite.experiments:
         data = exp.model_dump()
         for key, value in sets.items():
             root, _, name = key.partition(".")
             if root == "task":
-                data["overrides"][name] = value
+                if name in _task_fields(exp.task):
+                    data["overrides"][name] = value
             elif root == "hparams":
                 data["hparams"][name] = value
                 for opt in data["optimizers"]:

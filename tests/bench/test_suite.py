@@ -70,6 +70,19 @@ def test_sets_override_every_trial(tmp_path):
     assert all(t.spec.config["steps"] == 5 and t.spec.hparams["lr"] == 2e-3 and t.spec.seed == 7 for t in trials)
 
 
+def test_task_sets_reach_the_tasks_that_have_the_field():
+    _, trials = load_trials("paper", parse_sets(["task.workers=1"]))
+    llm = [t for t in trials if t.spec.task == "llm_pretrain"]
+    assert llm and all(t.spec.config["workers"] == 1 for t in llm)
+    assert all("workers" not in t.spec.config for t in trials if t.spec.task != "llm_pretrain")
+
+
+def test_task_set_that_fits_no_task_names_the_fields(tmp_path):
+    with pytest.raises(SuiteError, match=r"bad --set task.workerz: no task of this suite has a field 'workerz'; "
+                                         r"valid: .*workers"):
+        load_trials(write(tmp_path, GOOD), parse_sets(["task.workerz=1"]))
+
+
 @pytest.mark.parametrize("bad", ["steps=5", "task=1", "foo.bar=1", "task.steps"])
 def test_bad_set_is_rejected(bad):
     with pytest.raises(SuiteError, match="bad --set"):
