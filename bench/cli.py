@@ -259,6 +259,26 @@ def ui(
     os.execvpe(cmd[0], cmd, env)  # the server takes this process's place, so signals reach it directly
 
 
+class Perf(str, Enum):
+    optimizers = "optimizers"
+    train = "train"
+
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=PASS_THROUGH)
+def perf(ctx: typer.Context, what: Annotated[Perf, typer.Argument(help="what to time")]) -> None:
+    """Benchmarks: `optimizers` (one step on LLaMA parameter sets) or `train` (tokens/s and MFU of llm_pretrain).
+    Further options go to the benchmark: see `python -m optimizers.benchmark --help` and
+    `python -m tasks.llm_pretrain.throughput --help`."""
+    if what is Perf.optimizers:
+        from optimizers.benchmark import main as bench_main
+    else:
+        from tasks.llm_pretrain.throughput import main as bench_main
+    bench_main(ctx.args)
+
+
 class What(str, Enum):
     tasks = "tasks"
     optimizers = "optimizers"

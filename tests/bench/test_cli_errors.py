@@ -43,6 +43,10 @@ CASES = {
     "unknown leaderboard format": (["leaderboard", "--format", "xml"], None, "xml"),
     "unknown list target": (["list", "widgets"], None, "widgets"),
     "negative max-concurrent": (["run", "--suite", "smoke", "--max-concurrent", "-1"], None, "--max-concurrent"),
+    "unknown benchmark": (["perf", "gpus"], None, "gpus"),
+    "unknown throughput variant": (["perf", "train", "--variants", "turbo"], None, "unknown variant(s) turbo; valid:"),
+    "task set no task has": (["run", "--suite", "smoke", "--set", "task.workerz=2"], None,
+                             "no task of this suite has a field 'workerz'"),
     "zero seeds in sweep": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--seeds", "0"], None,
                             "--seeds"),
 }

@@ -1,0 +1,115 @@
+"""Training-throughput benchmark of the LLaMA pre-training loop: tokens/s and model-FLOPs utilization.
+
+It runs the task's own trainer (data pipeline, micro-batch accumulation, optimizer step and all) on a paper preset for
+a few steps and reads the `tokens_per_sec` the loop reports between log points, leaving out the first window
+(compilation, warm-up) and the evaluation. Each variant is a set of config overrides, so the table shows what each
+change buys:
+
+    python -m tasks.llm_pretrain.throughput --size 60m,130m,350m --variants eager,compile,compile-big-micro \
+        --steps 30 --log-every 5 --json throughput.json
+
+MFU = tokens/s x model FLOPs per token (the task's `estimate_flops`, 6N plus attention) / the device's dense bf16
+peak (`--peak-tflops`, default an H100 SXM's 989). Tokens are the input tokens that are not padding. Offline, the
+BPE fallback tokenizer is trained with the papers' vocabulary size (32000), so the model has the papers' shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tasks.base import LocalContext
+from tasks.llm_pretrain.config import PRESETS, LLMPretrainConfig
+from tasks.llm_pretrain.task import LLMPretrainTask
+
+log = logging.getLogger(__name__)
+
+H100_BF16_TFLOPS = 989.0
+
+# name -> overrides of the paper preset; each adds one change to the one before it.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "eager": {"compile": False},
+    "compile": {"compile": True},
+    "compile-big-micro": {"compile": True, "micro_batch_size": 512},
+}
+
+
+def measure(size: str, variant: str, steps: int, log_every: int, device: str, overrides: dict[str, Any] | None = None,
+            peak_tflops: float = H100_BF16_TFLOPS) -> dict[str, Any]:
+    """Train `steps` steps of the paper preset of `size` with the variant's overrides and report its throughput."""
+    if steps < 2 * log_every:
+        raise ValueError(f"steps ({steps}) must cover at least two log windows of {log_every} steps")
+    base = PRESETS[f"paper-{size}"] if f"paper-{size}" in PRESETS else PRESETS["smoke"] | {"model_size": size}
+    settings = {**base, "bpe_vocab_size": 32000, **VARIANTS[variant], **(overrides or {}), "steps": steps,
+                "warmup_steps": 1, "log_every": log_every, "eval_every": steps, "eval_tokens": 4096,
+                "checkpoint_every": 0, "workers": 1}
+    settings["micro_batch_size"] = min(settings["micro_batch_size"], settings["batch_size"])
+    cfg = LLMPretrainConfig(**settings)
+    task = LLMPretrainTask()
+    ctx = LocalContext(seed=0, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    task.run(cfg, "adamw", {}, ctx)
+    windows = [v for _, v in ctx.series("tokens_per_sec")][1:]
+    tokens_per_sec = statistics.median(windows)
+    flops_per_token = task.estimate_flops(cfg) / (cfg.steps * cfg.batch_size * cfg.seq_len)
+    mfu = tokens_per_sec * flops_per_token / (peak_tflops * 1e12)
+    return {
+        "size": size, "variant": variant, "device": device, "precision": cfg.precision, "compile": cfg.compile,
+        "batch_size": cfg.batch_size, "micro_batch_size": cfg.micro_batch_size, "seq_len": cfg.seq_len,
+        "tokens_per_sec": tokens_per_sec, "windows": windows, "flops_per_token": flops_per_token, "mfu": mfu,
+        "data_source": ctx.tags.get("data_source", ""),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+    }
+
+
+def markdown(rows: list[dict[str, Any]], peak_tflops: float) -> str:
+    lines = [f"| size | variant | micro-batch | tokens/s | MFU (of {peak_tflops:g} TFLOP/s) | peak memory |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
+        lines.append(f"| {r['size']} | {r['variant']} | {r['micro_batch_size']} | {r['tokens_per_sec']:,.0f} | "
+                     f"{r['mfu']:.1%} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="60m,130m,350m", help="comma-separated model sizes")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, among {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="extra config override for every run, e.g. --set batch_size=64")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = []
+    for size in args.size.split(","):
+        for variant in args.variants.split(","):
+            rows.append(measure(size, variant, args.steps, args.log_every, args.device, overrides, args.peak_tflops))
+            log.info("%s %s: %.0f tokens/s, MFU %.1f%%", size, variant, rows[-1]["tokens_per_sec"],
+                     100 * rows[-1]["mfu"])
+    print(markdown(rows, args.peak_tflops))
+    if args.json:
+        meta = {"torch": torch.__version__,
+                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

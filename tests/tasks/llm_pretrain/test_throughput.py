@@ -1,0 +1,29 @@
+"""The training-throughput benchmark runs the real loop and reports tokens/s and MFU (CPU, tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.llm_pretrain.throughput import main
+
+TINY = ["--size", "tiny", "--steps", "6", "--log-every", "2", "--device", "cpu", "--set", "batch_size=8",
+        "--set", "micro_batch_size=4", "--set", "seq_len=64", "--set", "bpe_vocab_size=2048"]
+
+
+def test_reports_tokens_per_second_and_mfu(tmp_path, capsys):
+    rows = main([*TINY, "--variants", "eager", "--peak-tflops", "1", "--json", str(tmp_path / "t.json")])
+    (row,) = rows
+    assert row["tokens_per_sec"] > 0 and len(row["windows"]) == 2  # the first window (warm-up) is left out
+    assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * row["flops_per_token"] / 1e12)
+    assert row["flops_per_token"] > 6 * 0.3e6  # 6N with N of the tiny model, plus attention
+    assert "| tiny | eager | 4 |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["meta"]["torch"] and saved["results"][0]["variant"] == "eager"
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(SystemExit) as info:
+        main([*TINY, "--variants", "turbo"])
+    assert info.value.code == 2
