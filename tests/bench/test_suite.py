@@ -123,3 +123,8 @@ def test_set_with_wrong_type_is_rejected(tmp_path):
     suite, _, _ = load(write(tmp_path, GOOD))
     with pytest.raises(SuiteError, match="invalid --set"):
         apply_sets(suite, {"seeds": "x"})
+
+
+def test_mini_has_a_scaled_down_version_of_every_paper_table():
+    tables = {name: {t.table for t in load_trials(name)[1]} for name in ("mini", "paper")}
+    assert tables["mini"] == tables["paper"]
