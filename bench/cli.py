@@ -119,16 +119,31 @@ def run(
     tracking_uri: TrackingOpt = None,
     max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=0, help="0: as resources allow")] = 0,
     set_: SetOpt = None,
+    only: Annotated[str | None, typer.Option("--only", help="run part of the suite: tables or tasks, comma-separated")]
+    = None,
     out: OutOpt = Path("results"),
 ) -> None:
     """Run every trial of a suite that is not finished yet, then print and save its leaderboard."""
     from bench.suite import load_trials, parse_sets
 
     s, trials = load_trials(suite, parse_sets(set_ or []))
+    if only:
+        trials = _only(trials, only)
     if dry_run:
         _print_matrix(trials)
         return
     raise typer.Exit(_run(s.name, trials, _uri(tracking_uri), address, max_concurrent, out, " ".join(sys.argv)))
+
+
+def _only(trials: list[Any], only: str) -> list[Any]:
+    """The trials whose table or task is named in `only` (an error names what matches nothing)."""
+    names = {n.strip() for n in only.split(",") if n.strip()}
+    valid = {t.table for t in trials} | {t.spec.task for t in trials}
+    unknown = sorted(names - valid)
+    if unknown or not names:
+        raise UserError(f"--only {only!r}: no table or task {', '.join(map(repr, unknown))} in this suite; "
+                        f"valid: {', '.join(sorted(valid))}")
+    return [t for t in trials if t.table in names or t.spec.task in names]
 
 
 def _floats(text: str, what: str) -> list[float]:

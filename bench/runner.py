@@ -251,6 +251,8 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
 
     storage = tracking.home() / "ray_results"
     name = f"{exp_id}-{parent[:8]}"
+    if not opts.debug:  # results live in MLflow; Tune's own result files are switched off, so it warns of them
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tuner = tune.Tuner(
         tune.with_resources(_tune_trainable, placement),
         param_space={"trial": tune.grid_search(trials)},

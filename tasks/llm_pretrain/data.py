@@ -480,20 +480,23 @@ class StepLoader:
     """The micro-batches of each optimizer step, prepared `ahead` steps in advance by a background thread.
 
     Each item is (micro-batches, batcher state after them): the state to checkpoint once that step is done.
+    With `pin`, the tensors are in page-locked memory, so copies to the GPU with `non_blocking=True` overlap compute.
     """
 
-    def __init__(self, batcher: Batcher, accumulation: int, steps: int, ahead: int = 2) -> None:
+    def __init__(self, batcher: Batcher, accumulation: int, steps: int, ahead: int = 2, pin: bool = False) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(batcher, accumulation, steps), daemon=True)
+        self._thread = threading.Thread(target=self._produce, args=(batcher, accumulation, steps, pin), daemon=True)
         self._thread.start()
 
-    def _produce(self, batcher: Batcher, accumulation: int, steps: int) -> None:
+    def _produce(self, batcher: Batcher, accumulation: int, steps: int, pin: bool) -> None:
         try:
             for _ in range(steps):
                 micro = [batcher.next() for _ in range(accumulation)]
                 if any(b is None for b in micro):
                     raise RuntimeError("the training stream ran out of documents")
+                if pin:
+                    micro = [(ids.pin_memory(), labels.pin_memory()) for ids, labels in micro]
                 if not self._put((micro, batcher.state_dict())):
                     return
         except Exception as e:  # handed to the consumer

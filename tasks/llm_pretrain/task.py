@@ -298,7 +298,7 @@ class Trainer:
                  cfg.model_size, self.n_params / 1e6, self.model_config.vocab_size, cfg.precision, self.corpus.source,
                  self.tokenizer.name, start + 1, cfg.steps)
 
-        loader = StepLoader(batcher, cfg.accumulation, cfg.steps - start)
+        loader = StepLoader(batcher, cfg.accumulation, cfg.steps - start, pin=self.device.type == "cuda")
         try:
             return self._loop(start, tokens, window, window_steps, train_loss, loader)
         finally:

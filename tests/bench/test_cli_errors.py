@@ -47,6 +47,8 @@ CASES = {
     "unknown throughput variant": (["perf", "train", "--variants", "turbo"], None, "unknown variant(s) turbo; valid:"),
     "task set no task has": (["run", "--suite", "smoke", "--set", "task.workerz=2"], None,
                              "no task of this suite has a field 'workerz'"),
+    "unknown --only table": (["run", "--suite", "smoke", "--only", "llm_pretrain,tabel9"], None,
+                             "no table or task 'tabel9' in this suite; valid:"),
     "zero seeds in sweep": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--seeds", "0"], None,
                             "--seeds"),
 }
