@@ -8,11 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local Ray binds 127.0.0.1 only
 os.environ.update(OFFLINE)
+# Without a GPU, the fused-kernel tests run Triton's CPU interpreter. Triton reads this when it is first imported,
+# which a test module importing transformers or torch._dynamo may do long before the fused tests run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 class Bench:

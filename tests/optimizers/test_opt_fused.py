@@ -1,14 +1,13 @@
 """The fused (Triton) SPAM and Stable-SPAM steps: the same results as the foreach path, and how the path is chosen.
 
 The numerical checks need triton: on a CUDA device they run the compiled kernels, without one they run the kernels
-in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before the kernels are first built). Without triton they
-are skipped; the selection tests run everywhere.
+in Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is first imported). Without
+triton they are skipped; the selection tests run everywhere.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,9 +17,7 @@ from optimizers import SPAM, StableSPAM, fused
 
 torch.set_num_threads(1)
 HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON and not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # without CUDA, tests/conftest.py sets TRITON_INTERPRET
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON or (not HAS_CUDA and not fused.interpret_mode()),
                                   reason="needs triton (on CUDA, or its CPU interpreter)")
