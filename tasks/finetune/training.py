@@ -56,11 +56,8 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 def resolve_device(cfg: FinetuneConfig, ctx_device: str) -> torch.device:
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if cfg.device == "cuda":
-        return torch.device(ctx_device if str(ctx_device).startswith("cuda") else "cuda")
-    return torch.device(ctx_device)
+    """`cpu` pins the trial to the CPU; otherwise it runs where the harness placed it (the CPU when no GPU exists)."""
+    return torch.device("cpu" if cfg.device == "cpu" else ctx_device)
 
 
 @dataclass

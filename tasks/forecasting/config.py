@@ -104,7 +104,8 @@ class ForecastingConfig(TaskConfig):
     test_every_epoch: bool = Field(True, description="test MSE/MAE curves per epoch (else only at the end)")
 
     # Hardware
-    device: Literal["cpu", "cuda"] = "cuda"
+    device: Literal["cpu", "cuda"] = Field("cuda", description="cuda: ask for a GPU share (the trial runs on the "
+                                           "CPU where none exists); cpu: run on the CPU")
     gpu_fraction: float = Field(0.25, gt=0, le=1, description="GPU share asked for when device is cuda")
     cpus: float = Field(1.0, gt=0)
 

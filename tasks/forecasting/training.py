@@ -220,7 +220,7 @@ def train_and_evaluate(
     import optimizers
 
     seed = int(ctx.seed)
-    device = ctx.device if cfg.device == "cuda" and str(ctx.device).startswith("cuda") else cfg.device
+    device = "cpu" if cfg.device == "cpu" else ctx.device  # a GPU trial runs where the harness placed it
 
     table = load_series(cfg.data_path, cfg.data_url, cfg.url_timeout_s, cfg.fallback, cfg.allow_fallback)
     data = prepare(
