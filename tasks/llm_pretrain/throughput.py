@@ -42,10 +42,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def measure(size: str, variant: str, steps: int, log_every: int, device: str, overrides: dict[str, Any] | None = None,
             peak_tflops: float = H100_BF16_TFLOPS) -> dict[str, Any]:
-    """Train `steps` steps of the paper preset of `size` with the variant's overrides and report its throughput."""
+    """Train `steps` steps of the paper preset of `size` (or the preset named `size`, e.g. mini) with the variant's
+    overrides and report its throughput."""
     if steps < 2 * log_every:
         raise ValueError(f"steps ({steps}) must cover at least two log windows of {log_every} steps")
-    base = PRESETS[f"paper-{size}"] if f"paper-{size}" in PRESETS else PRESETS["smoke"] | {"model_size": size}
+    base = PRESETS.get(f"paper-{size}") or PRESETS.get(size) or {**PRESETS["smoke"], "model_size": size}
     settings = {**base, "bpe_vocab_size": 32000, **VARIANTS[variant], **(overrides or {}), "steps": steps,
                 "warmup_steps": 1, "log_every": log_every, "eval_every": steps, "eval_tokens": 4096,
                 "checkpoint_every": 0, "workers": 1}
