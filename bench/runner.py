@@ -128,7 +128,7 @@ def fit_to_cluster(specs: list[TrialSpec], resources: dict[str, dict[str, float]
             r["gpus"], on_cpu = 0.0, on_cpu + 1
         if r["gpus"] and workers > 1:
             r["gpus"] = float(math.ceil(r["gpus"]))  # NCCL needs one device per rank
-        r["cpus"] = min(r["cpus"], cpus / workers if workers == 1 else (cpus - DRIVER_CPUS) / workers)
+        r["cpus"] = min(r["cpus"], cpus if workers == 1 else (cpus - DRIVER_CPUS) / workers)
         if r["gpus"] * workers > gpus:
             too_big.append(f"{spec.task} {spec.optimizer} seed {spec.seed} ({spec.key()}) needs "
                            f"{r['gpus'] * workers:g} GPUs ({workers} workers)")

@@ -213,10 +213,11 @@ def apply_sets(suite: Suite, sets: dict[str, Any]) -> Suite:
     """Apply `--set` overrides; `task.X` goes to the experiments whose task has a field X (and must fit one)."""
     if not sets:
         return suite
+    fields = {e.task: _task_fields(e.task) for e in suite.experiments}
     for key in sets:
         root, _, name = key.partition(".")
-        if root == "task" and not any(name in _task_fields(e.task) for e in suite.experiments):
-            valid = sorted(set().union(*(_task_fields(e.task) for e in suite.experiments)))
+        if root == "task" and not any(name in f for f in fields.values()):
+            valid = sorted(set().union(*fields.values()))
             raise SuiteError(f"bad --set {key}: no task of this suite has a field {name!r}; valid: {', '.join(valid)}")
     exps = []
     for exp in suite.experiments:
@@ -224,7 +225,7 @@ def apply_sets(suite: Suite, sets: dict[str, Any]) -> Suite:
         for key, value in sets.items():
             root, _, name = key.partition(".")
             if root == "task":
-                if name in _task_fields(exp.task):
+                if name in fields[exp.task]:
                     data["overrides"][name] = value
             elif root == "hparams":
                 data["hparams"][name] = value

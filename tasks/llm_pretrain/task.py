@@ -147,11 +147,8 @@ class LLMPretrainTask(Task):
 
     def resources(self, cfg: TaskConfig) -> Resources:
         assert isinstance(cfg, LLMPretrainConfig)
-        if cfg.model_size == "tiny":
-            return Resources(cpus=1, gpus=0, workers=cfg.workers)
-        if cfg.model_size == "mini":
-            return Resources(cpus=1, gpus=0.25, workers=cfg.workers)
-        return Resources(cpus=4, gpus=1, workers=cfg.workers)
+        cpus, gpus = {"tiny": (1, 0.0), "mini": (1, 0.25)}.get(cfg.model_size, (4, 1.0))
+        return Resources(cpus=cpus, gpus=gpus, workers=cfg.workers)
 
     def estimate_flops(self, cfg: TaskConfig) -> float:
         """6 * N * tokens + 12 * layers * hidden * seq_len * tokens (attention scores and values, forward and

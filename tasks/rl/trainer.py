@@ -46,7 +46,7 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import optimizers
-from tasks.base import Diverged, TrialContext, fill_hparams
+from tasks.base import Diverged, TrialContext, fill_hparams, trial_device
 from tasks.rl.task import RLConfig
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def final_metrics(curve: list[float], env_steps: int) -> dict[str, float]:
 
 def run_trial(cfg: RLConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Train for `cfg.epochs` epochs (resuming from the context's checkpoint), evaluating after each one."""
-    device = "cpu" if cfg.device == "cpu" else ctx.device
+    device = trial_device(cfg.device, ctx)
     trial = Trial.create(cfg, optimizer, hparams, seed=ctx.seed, device=device)
     try:
         ctx.log_params(trial.params())
