@@ -31,8 +31,11 @@ treats them is ``moret_mode``:
 
 ``warmup_steps`` N > 0 adds SPAM's post-reset warmup, s(j) for j = k mod reset_interval < N after the first reset.
 Parameters without a gradient on a reset step are not reset (as in both reference implementations). With
-``total_steps``, Stable-SPAM's cosine factor a_k scales AdaGN's gamma1 and the in-house Adam's beta1 (package bases
-keep their own betas).
+``total_steps``, Stable-SPAM's cosine factor a_k scales AdaGN's gamma1 and the in-house Adam's beta1; the registry
+passes it only to the names that own that schedule (`registry.owns_schedule`), never to package bases.
+
+Scope. AdaClip and AdaGN leave the gradients of a param group with ``group[ADAPTIVE_OFF] = True`` unchanged (the
+registry sets it on the Adam-mini blocks that the authors' variant updates without them).
 
 Bases. ``SpikeAwareAdam`` (module `spike_aware`) is the in-house Adam on which ``spam``, ``stable_spam`` and the
 ``adam``/``adamw`` compositions run. Package bases (Lion, Adam-mini, Adafactor, SGD, GaLore) are wrapped by
@@ -60,6 +63,7 @@ from torch import Tensor
 from . import functional as F
 
 __all__ = [
+    "ADAPTIVE_OFF",
     "COMPONENTS",
     "MORET_MODES",
     "SPIKE_CLIP_SKIP",
@@ -78,6 +82,8 @@ COMPONENTS: tuple[str, ...] = ("moret", "gradclip", "adaclip", "adagn", "spikecl
 GRADIENT_TRANSFORMS: tuple[str, ...] = ("gradclip", "adaclip", "adagn", "spikeclip")
 MORET_MODES: tuple[str, ...] = ("stable_spam", "clean", "spam")
 STATE_DTYPES: tuple[str, ...] = ("param", "float32")
+# Param-group key: True keeps AdaClip and AdaGN off that group's gradients.
+ADAPTIVE_OFF = "adaptive_off"
 # SPAM clips only on steps at least this far from the last momentum reset.
 SPIKE_CLIP_SKIP = 20
 
@@ -306,6 +312,8 @@ class ComponentOptimizer(torch.optim.Optimizer):
         if not (cfg.has("adaclip") or cfg.has("adagn")):
             return
         for b in buckets:
+            if b.group.get(ADAPTIVE_OFF, False):
+                continue
             for state in b.states:
                 state["stat_step"] += 1
             counts = [state["stat_step"] for state in b.states]

@@ -10,6 +10,10 @@ Names:
   adam takes weight decay as L2, adamw decoupled); compositions over the other bases wrap the package optimizer;
 - aliases: ``adam_gradclip`` = ``adam+gradclip``.
 
+Only ``stable_spam`` and the in-house adam/adamw compositions with ``moret`` take Stable-SPAM's beta1/gamma1 schedule
+(``total_steps``, ``eta_min``; `owns_schedule`); every other name rejects them. ``adam_mini`` compositions apply
+AdaClip/AdaGN to the blocks the authors' Adam-mini variant applies them to (`COMPONENT_SCOPES`).
+
 Names are case-insensitive and "-" reads as "_". Unknown names and unknown hyperparameters raise
 `OptimizerConfigError` (a ValueError) naming the culprit and listing the valid choices; nothing is dropped.
 
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from .baselines import BASELINES, GALORE_KEYS, ParamInput
-from .compose import COMPONENTS, ComponentOptimizer, ComponentWrapper, Pipeline
+from .compose import ADAPTIVE_OFF, COMPONENTS, ComponentOptimizer, ComponentWrapper, Pipeline
 from .spam import SPAM
 from .spike_aware import SpikeAwareAdam
 from .stable_spam import StableSPAM
@@ -48,6 +52,7 @@ __all__ = [
     "build",
     "catalog",
     "optimizer_class",
+    "owns_schedule",
     "param_groups",
     "resolved_hparams",
     "spec",
@@ -70,6 +75,12 @@ COMPONENT_HPARAMS: dict[str, dict[str, Any]] = {
     "adagn": {"gamma1": 0.7, "gamma2": 0.9},
     "spikeclip": {"threshold": 5000.0},
 }
+# Stable-SPAM's cosine schedule of beta1 and gamma1 (the authors' `total_T`, `eta_min`; StableSPAM
+# galore_torch/stablespam.py:43-44, 136, 165). Only the names that `owns_schedule` picks accept these: Stable-SPAM and
+# the in-house Adam compositions with momentum reset (the ablation of Stable-SPAM's components, whose full row is
+# Stable-SPAM). Every other name rejects them, so a task that passes `total_steps` cannot change its update rule: the
+# authors' Adam+GradClip is torch's Adam (SPAM torchrun_main.py:354, 447) and their Lion and Adam-mini variants keep
+# gamma1 fixed (StableSPAM utils/lions.py:113, galore_torch/adam_mini_ours.py:302).
 SCHEDULE_HPARAMS: dict[str, Any] = {"total_steps": None, "eta_min": 0.5}
 IN_HOUSE_BASES: tuple[str, ...] = ("adam", "adamw")
 ALIASES: dict[str, str] = {"adam_gradclip": "adam+gradclip"}
@@ -87,7 +98,7 @@ PAPER_COMPOSITIONS: tuple[str, ...] = (
 IN_HOUSE: tuple[str, ...] = ("spam", "stable_spam")
 # Hyperparameters that apply to the matrix group only when groups carry roles.
 ROLE_SCOPED: frozenset[str] = frozenset({"density", *GALORE_KEYS})
-_INTERNAL_GROUP_KEYS = frozenset({"params", "param_names", "name", "role", "global_step", "initial_lr"})
+_INTERNAL_GROUP_KEYS = frozenset({"params", "param_names", "name", "role", "global_step", "initial_lr", ADAPTIVE_OFF})
 
 Factory = Callable[[ParamInput, dict[str, Any]], torch.optim.Optimizer]
 
@@ -246,6 +257,28 @@ def _baseline_spec(name: str) -> OptimizerSpec:
     )
 
 
+def _scope_adam_mini(opt: torch.optim.Optimizer) -> None:
+    """AdaClip/AdaGN on the blocks the authors' Adam-mini variant gives them (StableSPAM
+    galore_torch/adam_mini_ours.py:227-259 biases, 272-308 queries and keys, 373-424 the remaining blocks, i.e. the
+    norms) and off on embeddings, LM head, values, attention output and MLP blocks (:331-371). Adam-mini keeps one
+    param group per named block and the block-name sets of its own partition, which this reads."""
+    plain = (opt.embd_names | opt.output_names | opt.wv_names | opt.mlp_names  # type: ignore[attr-defined]
+             | opt.attn_proj_names)  # type: ignore[attr-defined]
+    adaptive = opt.adam_block_names | opt.wqk_names  # type: ignore[attr-defined]
+    for group in opt.param_groups:
+        name = group["name"]
+        group[ADAPTIVE_OFF] = not any(n in name for n in adaptive) and any(n in name for n in plain)
+
+
+# Package bases whose authors' component variant applies AdaClip/AdaGN to part of the model only.
+COMPONENT_SCOPES: dict[str, Callable[[torch.optim.Optimizer], None]] = {"adam_mini": _scope_adam_mini}
+
+
+def owns_schedule(base: str, components: tuple[str, ...]) -> bool:
+    """Whether the composition `base+components` takes Stable-SPAM's beta1/gamma1 schedule (`SCHEDULE_HPARAMS`)."""
+    return base in IN_HOUSE_BASES and "moret" in components
+
+
 def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> OptimizerSpec:
     component_defaults: dict[str, Any] = {}
     for c in components:
@@ -262,7 +295,7 @@ def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> Optimi
             "seed": 0,
             "state_dtype": "param",
             **component_defaults,
-            **SCHEDULE_HPARAMS,
+            **(SCHEDULE_HPARAMS if owns_schedule(base, components) else {}),
         }
 
         def factory(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
@@ -276,7 +309,7 @@ def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> Optimi
         if "spikeclip" in components:
             extra["spike_beta2"] = 0.999
         if "adagn" in components:
-            extra.update(adagn_eps=1e-8, **SCHEDULE_HPARAMS)
+            extra["adagn_eps"] = 1e-8
         defaults = {**b.defaults, **component_defaults, **extra}
         base_keys = b.accepts
 
@@ -289,11 +322,12 @@ def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> Optimi
                 reset_interval=rest.pop("reset_interval", 1000),
                 warmup_steps=rest.pop("warmup_steps", 0),
                 max_norm=rest.pop("max_norm", 1.0),
-                total_steps=rest.pop("total_steps", None),
-                eta_min=rest.pop("eta_min", 0.5),
                 state_dtype=rest.pop("state_dtype"),
             )
             base_opt = b.factory(inp, base_hp)
+            scope = COMPONENT_SCOPES.get(base)
+            if scope is not None and {"adaclip", "adagn"} & set(components):
+                scope(base_opt)
             return ComponentWrapper(base_opt, pipeline, b.layout, **rest)
 
         source = f"in-house components over {b.source}"
@@ -525,6 +559,9 @@ def resolved_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
     if isinstance(opt, StableSPAM):
         out["variant"] = opt.variant
     if isinstance(opt, ComponentWrapper):
+        off = sum(bool(g.get(ADAPTIVE_OFF)) for g in opt.param_groups)
+        if off:
+            out["adaptive_off_groups"] = off
         out["base_class"] = f"{type(inner).__module__}.{type(inner).__qualname__}"
     out["param_groups"] = len(opt.param_groups)
     return out
