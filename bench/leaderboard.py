@@ -81,11 +81,15 @@ class Table:
     columns: list[str]
     cells: dict[tuple[str, str], Cell]
     paper: dict[tuple[str, str], float]
+    # The task's `paper_metric` where it differs from `metric` (the papers' estimator), shown beside ours, labelled.
+    estimates: dict[tuple[str, str], Cell] = field(default_factory=dict)
 
     def header(self) -> list[str]:
         head = ["optimizer"]
         for col in self.columns:
             head.append(col)
+            if self.estimates:
+                head.append(f"{col} (papers' estimator)")
             if any((r, col) in self.paper for r in self.rows):
                 head.append(f"{col} (paper)")
         return head + ["seeds"]
@@ -96,6 +100,8 @@ class Table:
             line = [row]
             for col in self.columns:
                 line.append(self.cells.get((row, col), Cell()).text())
+                if self.estimates:
+                    line.append(self.estimates.get((row, col), Cell()).text())
                 if any((r, col) in self.paper for r in self.rows):
                     paper = self.paper.get((row, col))
                     line.append("" if paper is None else _fmt(paper))
@@ -105,7 +111,11 @@ class Table:
 
     def markdown(self) -> str:
         head = self.header()
-        lines = [f"### {self.name} — {self.metric} ({'lower' if self.mode == 'min' else 'higher'} is better)", "",
+        title = f"### {self.name} — {self.metric} ({'lower' if self.mode == 'min' else 'higher'} is better)"
+        if self.estimates:
+            title += ("; ours exact, beside it the papers' estimator on the same batches, the one the papers' "
+                      "numbers are compared with")
+        lines = [title, "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in self.body()]
         return "\n".join(lines)
@@ -142,30 +152,38 @@ def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
         summary = getattr(task, "summary", "mean")
         rows = list(dict.fromkeys(t.row for t in members))
         columns = list(dict.fromkeys(_column(t) for t in members))
+        paper_metric = getattr(task, "paper_metric", metric)
         cells: dict[tuple[str, str], Cell] = {}
+        estimates: dict[tuple[str, str], Cell] = {}
         seen: set[tuple[str, str, str]] = set()
         for t in members:
-            cell = cells.setdefault((t.row, _column(t)), Cell(summary=summary))
             if (t.row, _column(t), t.key) in seen:
                 continue
             seen.add((t.row, _column(t), t.key))
             run = runs.get(t.key)
-            status = run.data.tags.get(tracking.STATUS_TAG) if run else None
-            value = run.data.metrics.get(f"final.{metric}") if run else None
-            if status == "diverged":
-                cell.diverged += 1
-            elif status == "finished" and value is not None:
-                cell.values.append(value)
-            else:
-                cell.missing += 1
+            _add(cells.setdefault((t.row, _column(t)), Cell(summary=summary)), run, metric)
+            if paper_metric != metric:
+                _add(estimates.setdefault((t.row, _column(t)), Cell(summary=summary)), run, paper_metric)
         paper = {}
         for row, cols in (reference.get(name, {}).get("results") or {}).items():
             for col, value in cols.items():
                 for c in columns:
                     if c == col or c.startswith(f"{col} "):
                         paper[(row, c)] = value
-        tables.append(Table(name, metric, task.mode, rows, columns, cells, paper))
+        tables.append(Table(name, metric, task.mode, rows, columns, cells, paper, estimates))
     return tables
+
+
+def _add(cell: Cell, run: Any, metric: str) -> None:
+    """Count a trial's final `metric` into `cell` (diverged, finished with a value, or missing)."""
+    status = run.data.tags.get(tracking.STATUS_TAG) if run else None
+    value = run.data.metrics.get(f"final.{metric}") if run else None
+    if status == "diverged":
+        cell.diverged += 1
+    elif status == "finished" and value is not None:
+        cell.values.append(value)
+    else:
+        cell.missing += 1
 
 
 def plot_curves(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) -> list[Path]:

@@ -4,7 +4,8 @@ One optimizer step = `batch_size / micro_batch_size` micro-batches whose token-s
 number of predicted (non-pad) tokens of the whole step, so the gradient does not depend on the micro-batch size.
 The learning rate follows a torch `LambdaLR` on the optimizer: linear warmup from 0, then cosine to `min_lr_ratio`
 of the peak. Metrics: `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_sec` every `log_every` steps (the only host
-syncs of the loop), `val_loss` / `val_perplexity` every `eval_every` steps and at the end. For the papers' analyses
+syncs of the loop), `val_loss` / `val_perplexity` every `eval_every` steps and at the end, with
+`val_perplexity_paper_est`, the papers' estimator on the same batches (`evaluate`). For the papers' analyses
 (`stats`): `loss_spikes` / `max_loss_ratio` every `log_every` steps; `optimizer_state_bytes` /
 `optimizer_state_index_bytes` after the first step; with `spike_monitor`, gradient spikes per layer type as metrics
 and per layer in the artifact `spikes_per_layer.csv`; final `loss_spikes_total`, the state bytes, and on CUDA
@@ -49,6 +50,8 @@ from tasks.llm_pretrain.stats import (
 )
 
 log = logging.getLogger(__name__)
+# The papers' perplexity estimator (see `evaluate`): the metric their published numbers are compared with.
+PAPER_ESTIMATE = "val_perplexity_paper_est"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -122,18 +125,29 @@ def build_optimizer(
 
 
 @torch.no_grad()
-def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any) -> float:
-    """Mean cross-entropy over the predicted (non-pad) tokens of the held-out batches (`loss_fn`: a CausalLMLoss).
-    In a process group each rank evaluates its share of the batches and the sums are reduced."""
+def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any) -> tuple[float, float]:
+    """(exact loss, the papers' estimate) on the held-out batches (`loss_fn`: a CausalLMLoss, token-summed).
+
+    The exact loss is the mean cross-entropy over all predicted (non-pad) tokens. The papers' estimate is what both
+    authors' evaluation loops compute (SPAM torchrun_main.py:120-141, StableSPAM utils/eval.py:42-63): on each rank the
+    sum of the per-batch mean losses of its n batches divided by n + 1 (their batch counter starts at 1), then the
+    mean over the ranks; exp of it is biased low by the factor n / (n + 1) on the loss. In a process group each rank
+    evaluates its share of the batches and the sums are reduced."""
     rank, size = world()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, predicted tokens
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, predicted tokens, sum of batch means
+    n_batches = 0
     for ids, labels in batches[rank::size]:
         targets = shifted_targets(labels)
-        total[1] += int((targets != -100).sum())
+        count = int((targets != -100).sum())
         with autocast():
-            total[0] += loss_fn(ids.to(device), targets.to(device)).double()
-    loss_sum, count = all_sum(total).tolist()
-    return loss_sum / max(count, 1.0)
+            batch_loss = loss_fn(ids.to(device), targets.to(device)).double()
+        total[0] += batch_loss
+        total[1] += count
+        total[2] += batch_loss / max(count, 1)
+        n_batches += 1
+    total[2] /= n_batches + 1
+    loss_sum, count, paper_sum = all_sum(total).tolist()
+    return loss_sum / max(count, 1.0), paper_sum / size
 
 
 class LLMPretrainTask(Task):
@@ -143,6 +157,7 @@ class LLMPretrainTask(Task):
     Config = LLMPretrainConfig
     presets = PRESETS
     metric = "val_perplexity"
+    paper_metric = PAPER_ESTIMATE
     mode = "min"
 
     def resources(self, cfg: TaskConfig) -> Resources:
@@ -262,8 +277,9 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         batches, n_tokens = self.validation()
-        val_loss = evaluate(self.loss_fn, batches, self.device, self.autocast)
-        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": n_tokens}
+        val_loss, paper_loss = evaluate(self.loss_fn, batches, self.device, self.autocast)
+        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": n_tokens,
+                   PAPER_ESTIMATE: math.exp(min(paper_loss, 700.0))}
         self.ctx.report(step, **metrics)
         if not math.isfinite(val_loss):
             raise Diverged(f"non-finite validation loss at step {step}")
