@@ -55,7 +55,7 @@ def _uri(uri: str | None) -> str:
 
 
 def _print_matrix(trials: list[Any]) -> None:
-    from bench.estimate import describe_throughput, estimate
+    from bench.estimate import describe_throughput, describe_wall_time, estimate
 
     table = RichTable(title=f"{len(trials)} trial cells")
     for col in ("table", "column", "row", "seed", "key", "gpus", "PFLOPs", "GPU-h"):
@@ -76,6 +76,7 @@ def _print_matrix(trials: list[Any]) -> None:
         line += f"; {len(cpu_bound)} trials are not FLOP-bound: {cpu:.1f} CPU-hours"
         line += f" ({unknown} of them state no estimate)" if unknown else ""
     console.print(line)
+    console.print(describe_wall_time(trials))
 
 
 def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_concurrent: int,

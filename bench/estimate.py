@@ -1,4 +1,5 @@
-"""Dry-run cost estimates: GPU-hours of a trial matrix from each task's FLOP count and a stated throughput."""
+"""Dry-run cost estimates: GPU-hours of a trial matrix from each task's FLOP count and a stated throughput, and the
+wall time of its GPU trials packed on the GPUs at a measured throughput."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from bench.suite import Trial, unique_specs
 PEAK_FLOPS = 989e12
 ASSUMED_MFU = 0.40
 THROUGHPUT = PEAK_FLOPS * ASSUMED_MFU
+
+# Measured: training tokens per second of one H200 running `mini` LLaMA pre-training trials side by side (whole
+# trials: start-up, data preparation and evaluation included). Source: 6 mini trials of 49M tokens each, 4 at a time
+# at 0.25 GPU, compiled, took 4 minutes at commit f097814 (295M tokens / 240 s). Wall times of other GPU trials are
+# scaled by their FLOPs per token.
+MEASURED_TOKENS_PER_SEC = 1.2e6
+MEASURED_ON = "one H200, mini LLaMA trials packed on the GPU, commit f097814"
 
 
 @dataclass
@@ -47,3 +55,32 @@ def estimate(trials: list[Trial]) -> list[Estimate]:
 
 def describe_throughput() -> str:
     return f"{THROUGHPUT / 1e12:.0f} TFLOP/s per GPU (H100 bf16 peak {PEAK_FLOPS / 1e12:.0f} at {ASSUMED_MFU:.0%} MFU)"
+
+
+def measured_flops_per_sec() -> float:
+    """Effective FLOP/s of one GPU packed with mini pre-training trials, from the measured tokens per second."""
+    import tasks
+
+    task = tasks.get_task("llm_pretrain")
+    cfg = task.config("mini")
+    per_token = task.estimate_flops(cfg) / (cfg.steps * cfg.batch_size * cfg.seq_len)
+    return MEASURED_TOKENS_PER_SEC * per_token
+
+
+def wall_minutes(trials: list[Trial], gpus: int = 1) -> dict[str, float]:
+    """Per task, minutes of wall time of its GPU trials packed on `gpus` GPUs at the measured throughput."""
+    rate = measured_flops_per_sec() * gpus
+    out: dict[str, float] = {}
+    for spec, e in zip(unique_specs(trials), estimate(trials), strict=True):
+        if e.gpus and e.flops:
+            out[spec.task] = out.get(spec.task, 0.0) + e.flops / rate / 60
+    return out
+
+
+def describe_wall_time(trials: list[Trial], gpus: int = 1) -> str:
+    parts = wall_minutes(trials, gpus)
+    if not parts:
+        return "no GPU trials"
+    each = ", ".join(f"{task} {m:.0f} min" for task, m in parts.items())
+    return (f"estimated wall time of the GPU trials on {gpus} GPU: {sum(parts.values()):.0f} min ({each}) at "
+            f"{MEASURED_TOKENS_PER_SEC / 1e6:g}M mini-LLaMA tokens/s per GPU (measured: {MEASURED_ON})")

@@ -1,7 +1,9 @@
 """Leaderboards: one table per paper table/experiment, our numbers beside the papers', plus curves and sweep plots.
 
 Cells aggregate the final headline metric of a task over seeds (mean ± sample std, or the interquartile mean with a
-bootstrap interval for tasks that ask for it). Trials that diverged are shown as diverged, never as a number.
+bootstrap interval for tasks that ask for it). Trials that diverged are shown as diverged, never as a number. Under
+each title, the data its trials trained on (the tags and params a task logs: source, corpus tokens, passes), with
+runs that make more than one pass over their data flagged.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Table:
     paper: dict[tuple[str, str], float]
     # The task's `paper_metric` where it differs from `metric` (the papers' estimator), shown beside ours, labelled.
     estimates: dict[tuple[str, str], Cell] = field(default_factory=dict)
+    data: str = ""
 
     def header(self) -> list[str]:
         head = ["optimizer"]
@@ -115,8 +118,9 @@ class Table:
         if self.estimates:
             title += ("; ours exact, beside it the papers' estimator on the same batches, the one the papers' "
                       "numbers are compared with")
-        lines = [title, "",
-                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [title, ""]
+        lines += [self.data, ""] if self.data else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in self.body()]
         return "\n".join(lines)
 
@@ -170,7 +174,8 @@ def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
                 for c in columns:
                     if c == col or c.startswith(f"{col} "):
                         paper[(row, c)] = value
-        tables.append(Table(name, metric, task.mode, rows, columns, cells, paper, estimates))
+        tables.append(Table(name, metric, task.mode, rows, columns, cells, paper, estimates,
+                            data_statement(members, runs)))
     return tables
 
 
@@ -184,6 +189,23 @@ def _add(cell: Cell, run: Any, metric: str) -> None:
         cell.values.append(value)
     else:
         cell.missing += 1
+
+
+def data_statement(trials: list[Trial], runs: dict[str, Any]) -> str:
+    """"Data: SOURCE, N tokens, P passes" for each distinct data setting of the trials' runs that state one."""
+    seen: dict[tuple[str, str, str], bool] = {}
+    for t in trials:
+        run = runs.get(t.key)
+        tags = run.data.tags if run else {}
+        if "data_passes" in tags:
+            key = (tags.get("data_source", "?"), run.data.params.get("data.corpus_tokens", "?"), tags["data_passes"])
+            seen[key] = tags.get("data_epochs") == "multi-epoch"
+    parts = []
+    for (source, tokens, passes), multi in seen.items():
+        size = f"{int(tokens) / 1e6:,.1f}M tokens" if tokens.isdigit() else f"{tokens} tokens"
+        flag = " — **MULTI-EPOCH: more than one pass**" if multi else ""
+        parts.append(f"{source} ({size}), {passes} passes{flag}")
+    return "Data: " + "; ".join(parts) if parts else ""
 
 
 def plot_curves(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) -> list[Path]:

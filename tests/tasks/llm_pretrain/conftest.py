@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import itertools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +15,7 @@ import pytest
 
 from tasks.base import LocalContext
 from tasks.llm_pretrain import LLMPretrainTask
+from tasks.llm_pretrain.data import offline_corpus
 
 
 @dataclass
@@ -61,3 +65,23 @@ def run_task_fixture() -> Callable[..., Run]:
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The smoke preset with AdamW, run once for the tests that only read its results."""
     return run_task(ctx=LocalContext(seed=0, device="cpu", workdir=Path(tmp_path_factory.mktemp("smoke"))))
+
+
+def _write_c4_shards(folder: Path) -> list[str]:
+    """Real text (the offline package text's validation documents, pieces of at most 1200 characters) in the
+    allenai/c4 layout: json lines with a `text` field in gzip shards, 300 training and 60 validation documents.
+    Returns the documents, training ones first."""
+    corpus = offline_corpus(["wikipedia", "shakespeare", "kjv"], 0.05, seed=0, max_doc_chars=1200, packing=False)
+    docs = list(itertools.islice(corpus.validation(), 360))
+    for split, items in {"train": docs[:300], "validation": docs[300:]}.items():
+        for shard in range(2):
+            with gzip.open(folder / f"c4-{split}.{shard:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
+                for d in items[shard::2]:
+                    f.write(json.dumps({"text": d, "timestamp": "2019-04-25T12:57:54Z", "url": "x"}) + "\n")
+    return docs
+
+
+@pytest.fixture(name="write_c4_shards")
+def write_c4_shards_fixture() -> Callable[[Path], list[str]]:
+    """`write_c4_shards(folder)` -> the documents written as allenai/c4 json.gz shards."""
+    return _write_c4_shards

@@ -1,10 +1,9 @@
-"""Corpora, tokenizer fallback, batching (padding masked from the loss, packing) and deterministic data order."""
+"""Corpora, tokenizer fallback, batching (padding masked from the loss, packing), token caches, corpus sizes and
+deterministic data order."""
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -13,16 +12,23 @@ import pytest
 import torch
 
 from tasks.llm_pretrain import LLMPretrainTask, data
-from tasks.llm_pretrain.data import Batcher, bpe_tokenizer, c4_corpus, offline_corpus
+from tasks.llm_pretrain.data import Batcher, CorpusSize, bpe_tokenizer, c4_corpus, offline_corpus
 from tasks.llm_pretrain.model import build_llama, llama_config
-from tasks.llm_pretrain.task import shifted_targets, token_loss_sum
+from tasks.llm_pretrain.task import data_budget, shifted_targets, token_loss_sum
 
 SOURCES = ["wikipedia", "shakespeare", "kjv"]
 
 
 @pytest.fixture(scope="module")
 def corpus() -> data.Corpus:
-    return offline_corpus(SOURCES, val_fraction=0.05, seed=0, max_doc_chars=1200)
+    return offline_corpus(SOURCES, val_fraction=0.05, seed=0, max_doc_chars=1200, packing=False)
+
+
+@pytest.fixture(scope="module")
+def packed() -> data.Corpus:
+    """The fallback as a run gets it by default: whole documents, packed."""
+    cfg = LLMPretrainTask().config("smoke", {"data_source": "offline"})
+    return offline_corpus(SOURCES, cfg.val_fraction, seed=0, max_doc_chars=None)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def test_hub_probe_respects_offline_env(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_padding_is_masked_and_excluded_from_the_loss(corpus: data.Corpus, tokenizer: data.TextTokenizer) -> None:
-    b = Batcher(corpus.train, tokenizer, seq_len=256, batch_size=8, packing=False)
+    b = Batcher(corpus.train_tokens(tokenizer), tokenizer.pad_id, seq_len=256, batch_size=8, packing=False)
     ids, labels = b.next()
     pad = labels == -100
     assert pad.any() and (ids[pad] == tokenizer.pad_id).all()
@@ -74,39 +80,71 @@ def test_padding_is_masked_and_excluded_from_the_loss(corpus: data.Corpus, token
         assert torch.equal(token_loss_sum(model, garbage, targets), loss)
 
 
-def test_packing_fills_every_position(corpus: data.Corpus, tokenizer: data.TextTokenizer) -> None:
-    b = Batcher(corpus.train, tokenizer, seq_len=64, batch_size=4, packing=True)
-    ids, labels = b.next()
-    assert ids.shape == (4, 64) and torch.equal(ids, labels)
-    assert int((ids == tokenizer.eos_id).sum()) >= 1
+def test_packing_fills_every_position(packed: data.Corpus, tokenizer: data.TextTokenizer) -> None:
+    """>= 97% of the positions of every training batch are real tokens: here all of them, over a whole epoch."""
+    assert packed.packing and packed.info["train_docs"] < 13_000  # whole documents, not 1200-character pieces
+    b = Batcher(packed.train_tokens(tokenizer), tokenizer.pad_id, seq_len=256, batch_size=64, packing=True)
+    eos = 0
+    while b.docs < packed.info["train_docs"]:
+        ids, labels = b.next()
+        assert ids.shape == (64, 256) and torch.equal(ids, labels)
+        assert (labels != -100).float().mean() >= 0.97 and not (ids == tokenizer.pad_id).any()
+        eos += int((ids == tokenizer.eos_id).sum())
+    assert eos >= packed.info["train_docs"] - 2  # documents are EOS-separated
+    text = "".join(itertools.islice(packed.train(0), 1))
+    first = next(packed.train_tokens(tokenizer)(0))
+    assert list(first) == tokenizer.encode([text])[0]  # the cached tokens are the tokenizer's
+
+
+def test_tokenized_corpus_is_cached_once(packed: data.Corpus, tokenizer: data.TextTokenizer) -> None:
+    size = packed.size(tokenizer)
+    files = list((data.cache_dir() / "tokens").glob("*offsets.npy"))
+    assert files and size.how == "counted" and 10_000_000 > size.tokens > 1_000_000
+    before = {f: f.stat().st_mtime_ns for f in files}
+    again = offline_corpus(SOURCES, 0.05, seed=1, max_doc_chars=None)  # another trial: same content, other seed
+    assert again.size(tokenizer) == size
+    assert {f: f.stat().st_mtime_ns for f in files} == before
+    assert list(itertools.islice(again.train_tokens(tokenizer)(0), 1))[0].tolist() != \
+        list(itertools.islice(packed.train_tokens(tokenizer)(0), 1))[0].tolist()  # seeded order
+
+
+def test_data_budget_states_passes_and_flags_multi_epoch() -> None:
+    cfg = LLMPretrainTask().config("mini")
+    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    one = data_budget(cfg, True, CorpusSize(tokens * 2, 10**9, "counted"))
+    assert one["params"]["data.passes"] == 0.5 and one["tags"]["data_epochs"] == "single pass"
+    many = data_budget(cfg, True, CorpusSize(tokens // 3, 10**9, "counted"))
+    assert many["params"]["data.passes"] == pytest.approx(3.0, rel=1e-3)
+    assert many["tags"]["data_epochs"] == "multi-epoch"
+    padded = data_budget(cfg, False, CorpusSize(tokens * 2, cfg.steps * cfg.batch_size // 2, "counted"))
+    assert padded["params"]["data.passes"] == 2.0  # truncate-and-pad: one document per sequence
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_batcher_resumes_at_the_same_batch(corpus: data.Corpus, tokenizer: data.TextTokenizer, packing: bool) -> None:
-    a = Batcher(corpus.train, tokenizer, seq_len=32, batch_size=4, packing=packing)
+def test_batcher_resumes_at_the_same_batch(corpus: data.Corpus, packed: data.Corpus, tokenizer: data.TextTokenizer,
+                                           packing: bool) -> None:
+    docs = (packed if packing else corpus).train_tokens(tokenizer)
+    a = Batcher(docs, tokenizer.pad_id, seq_len=32, batch_size=4, packing=packing)
     for _ in range(3):
         a.next()
     state = a.state_dict()
+    assert not packing or len(state["carry"]) > 0  # a packed position is mid-document
     expected = [a.next() for _ in range(3)]
-    b = Batcher(corpus.train, tokenizer, seq_len=32, batch_size=4, packing=packing, state=state)
+    b = Batcher(docs, tokenizer.pad_id, seq_len=32, batch_size=4, packing=packing, state=state)
     for (ids, labels), (ids2, labels2) in zip(expected, (b.next() for _ in range(3)), strict=True):
         assert torch.equal(ids, ids2) and torch.equal(labels, labels2)
 
 
-def _write_shards(folder: Path, docs: list[str]) -> None:
-    """Real text in the allenai/c4 layout: json lines with a `text` field in gzip shards."""
-    splits = {"train": docs[:300], "validation": docs[300:360]}
-    for split, items in splits.items():
-        for shard in range(2):
-            with gzip.open(folder / f"c4-{split}.{shard:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
-                for d in items[shard::2]:
-                    f.write(json.dumps({"text": d, "timestamp": "2019-04-25T12:57:54Z", "url": "x"}) + "\n")
-
-
-def test_local_c4_shards(tmp_path: Path, corpus: data.Corpus) -> None:
-    _write_shards(tmp_path, list(itertools.islice(corpus.validation(), 360)))
+def test_local_c4_shards(tmp_path: Path, corpus: data.Corpus, tokenizer: data.TextTokenizer,
+                         write_c4_shards: Callable) -> None:
+    docs = write_c4_shards(tmp_path)
     c4 = c4_corpus(str(tmp_path), "allenai/c4", "en", seed=0, shuffle_buffer=50, tokenizer_docs=100)
-    assert c4.source.startswith("c4:local:")
+    assert c4.source.startswith("c4:local:") and not c4.packing  # the papers' truncate-and-pad
+    exact = sum(map(len, tokenizer.encode(docs[:300])))
+    assert c4.size(tokenizer) == CorpusSize(exact, 300, "counted")
+    sampled = c4_corpus(str(tmp_path), "allenai/c4", "en", 0, 50, 100, size_sample_docs=100).size(tokenizer)
+    assert sampled.how == "estimated" and sampled.tokens == pytest.approx(exact, rel=0.5)
+    assert sampled.documents == pytest.approx(300, rel=0.5)
     first = list(itertools.islice(c4.train(0), 400))  # more than one pass
     assert list(itertools.islice(c4.train(123), 50)) == first[123:173]
     assert len(list(c4.validation())) == 60
@@ -140,11 +178,13 @@ def test_forced_c4_without_a_source_fails_fast(monkeypatch: pytest.MonkeyPatch) 
         data.prepare_data(cfg.data_settings(), seed=0)
 
 
-def test_smoke_run_on_local_c4_shards(tmp_path: Path, corpus: data.Corpus, run_task: Callable) -> None:
-    _write_shards(tmp_path, list(itertools.islice(corpus.validation(), 360)))
+def test_smoke_run_on_local_c4_shards(tmp_path: Path, run_task: Callable, write_c4_shards: Callable) -> None:
+    write_c4_shards(tmp_path)
     run = run_task({"c4_path": str(tmp_path), "tokenizer": "bpe", "bpe_train_docs": 300, "steps": 10,
                     "eval_every": 10, "checkpoint_every": 0})
     assert run.ctx.tags["data_source"] == f"c4:local:{tmp_path.name}"
     assert run.ctx.tags["tokenizer"].startswith("bpe-")
     assert not [r for r in run.logs if r.levelname == "WARNING" and "fallback" in r.getMessage()]
     assert math.isfinite(run.result["val_perplexity"])
+    assert run.ctx.params["data.packing"] is False and run.result["real_token_fraction"] < 1.0  # padded documents
+    assert run.ctx.params["data.corpus_tokens_source"] == "counted"

@@ -44,7 +44,7 @@ def test_registry_and_presets() -> None:
         512, 256, 20_000, 1000, 0.1)
     assert task.config("paper-1b").steps == 90_000 and task.config("paper-int4-350m").quant == "int4"
     assert task.resources(task.config("smoke")).gpus == 0
-    assert task.resources(task.config("mini")).gpus == 0.25
+    assert 0 < task.resources(task.config("mini")).gpus <= 0.125  # eight or more mini trials share a GPU
     assert task.resources(task.config("paper-60m")).gpus == 1
 
 

@@ -49,6 +49,33 @@ def test_offline_fallback_is_announced_and_tagged(smoke_run: Any) -> None:
     assert smoke_run.ctx.params["model.vocab_size"] == 2048
 
 
+def test_fallback_is_packed_and_the_data_budget_is_logged(smoke_run: Any) -> None:
+    params, r = smoke_run.ctx.params, smoke_run.result
+    assert params["data.packing"] is True
+    assert all(v >= 0.97 for _, v in smoke_run.ctx.series("real_token_fraction"))
+    assert r["real_token_fraction"] == 1.0 and r["tokens"] == 40 * 8 * 64
+    for (_, real), (_, everything) in zip(smoke_run.ctx.series("tokens_per_sec"),
+                                          smoke_run.ctx.series("positions_per_sec"), strict=True):
+        assert real == everything > 0
+    assert params["data.train_tokens"] == 40 * 8 * 64 and params["data.corpus_tokens_source"] == "counted"
+    assert params["data.corpus_tokens"] > 1_000_000
+    assert params["data.passes"] == round(40 * 8 * 64 / params["data.corpus_tokens"], 4)
+    assert r["data_passes"] == pytest.approx(40 * 8 * 64 / params["data.corpus_tokens"])
+    assert smoke_run.ctx.tags["data_epochs"] == "single pass"
+
+
+def test_mini_preset_is_at_most_one_pass_over_the_fallback() -> None:
+    from tasks.llm_pretrain import LLMPretrainTask
+    from tasks.llm_pretrain.data import prepare_data
+    from tasks.llm_pretrain.task import data_budget
+
+    cfg = LLMPretrainTask().config("mini", {"data_source": "offline", "tokenizer": "bpe"})
+    corpus, tokenizer = prepare_data(cfg.data_settings(), seed=0)
+    budget = data_budget(cfg, corpus.packing, corpus.size(tokenizer))
+    assert budget["params"]["data.passes"] <= 1 and budget["tags"]["data_epochs"] == "single pass"
+    assert cfg.seq_len == 256 and not cfg.compile
+
+
 @pytest.mark.parametrize("name", ["spam", "stable_spam"])
 def test_spike_aware_optimizers_train(run_task: Callable, name: str) -> None:
     if name not in optimizers.available():
@@ -90,8 +117,27 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(run_task: Callable, 
         run_task(overrides, name, ctx=KilledAfterCheckpoint(seed=3, device="cpu", workdir=tmp_path / "resumed"))
     resumed = run_task(overrides, name, ctx=LocalContext(seed=3, device="cpu", workdir=tmp_path / "resumed"))
     assert resumed.result == full.result  # bitwise: same data position, weights, optimizer state
-    after = [(s, k, v) for s, k, v in full.ctx.metrics if s > 10 and k != "tokens_per_sec"]
-    assert [(s, k, v) for s, k, v in resumed.ctx.metrics if k != "tokens_per_sec"] == after
+    timed = ("tokens_per_sec", "positions_per_sec")
+    after = [(s, k, v) for s, k, v in full.ctx.metrics if s > 10 and k not in timed]
+    assert [(s, k, v) for s, k, v in resumed.ctx.metrics if k not in timed] == after
+
+
+def test_local_c4_resumes_at_the_same_batch(run_task: Callable, tmp_path: Path, write_c4_shards: Callable) -> None:
+    """C4 json.gz shards in the allenai/c4 layout, end to end: tokenizer, truncate-and-pad batches, a run killed
+    after its checkpoint resumes at the same batch (bitwise the same results)."""
+    write_c4_shards(tmp_path)
+    overrides = {"c4_path": str(tmp_path), "tokenizer": "bpe", "bpe_train_docs": 300, "steps": 50,
+                 "checkpoint_every": 10, "eval_every": 25, "log_every": 5, "c4_shuffle_buffer": 50}
+    full = run_task(overrides, ctx=LocalContext(seed=2, device="cpu", workdir=tmp_path / "full"))
+    assert full.ctx.tags["data_source"] == f"c4:local:{tmp_path.name}" and full.ctx.params["data.packing"] is False
+    assert full.ctx.params["data.passes"] == round(50 * 8 / 300, 4) and full.ctx.tags["data_epochs"] == "multi-epoch"
+    with pytest.raises(Killed):
+        run_task(overrides, ctx=KilledAfterCheckpoint(seed=2, device="cpu", workdir=tmp_path / "resumed"))
+    resumed = run_task(overrides, ctx=LocalContext(seed=2, device="cpu", workdir=tmp_path / "resumed"))
+    assert resumed.result == full.result
+    timed = ("tokens_per_sec", "positions_per_sec")
+    assert [m for m in resumed.ctx.metrics if m[1] not in timed] == \
+        [m for m in full.ctx.metrics if m[0] > 10 and m[1] not in timed]
 
 
 def test_injected_nan_ends_the_trial(run_task: Callable) -> None:

@@ -16,6 +16,8 @@ def test_reports_tokens_per_second_and_mfu(tmp_path, capsys):
     rows = main([*TINY, "--variants", "eager", "--peak-tflops", "1", "--json", str(tmp_path / "t.json")])
     (row,) = rows
     assert row["tokens_per_sec"] > 0 and len(row["windows"]) == 2  # the first window (warm-up) is left out
+    assert row["real_token_fraction"] == 1.0  # the offline text is packed: the full-batch rate is the real one
+    assert row["positions_per_sec"] == row["tokens_per_sec"]
     assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * row["flops_per_token"] / 1e12)
     assert row["flops_per_token"] > 6 * 0.3e6  # 6N with N of the tiny model, plus attention
     assert "| tiny | eager | 4 |" in capsys.readouterr().out
