@@ -326,7 +326,6 @@ def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None
             console.print(f"{name}: metric {t.metric} ({t.mode}); presets: {', '.join(t.presets)}")
     elif what is What.optimizers:
         import optimizers
-        import optimizers.plugins
 
         for name in optimizers.available():
             spec = optimizers.spec(name)
