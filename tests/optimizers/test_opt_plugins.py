@@ -28,7 +28,11 @@ class SignMomentum(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "beta": beta})
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:  # torch's contract, which Lightning relies on
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -36,6 +40,7 @@ class SignMomentum(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("buf", torch.zeros_like(p))
                 buf.mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
                 p.add_(buf.sign(), alpha=-group["lr"])
+        return loss
 
 
 class Plain(torch.optim.SGD):
