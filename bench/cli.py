@@ -181,15 +181,10 @@ def sweep(
     out: OutOpt = Path("results"),
 ) -> None:
     """Learning-rate grid (seed 0), then the best lr of each optimizer re-run over N seeds."""
-    from bench.suite import Experiment, Suite, SuiteError, apply_sets, expand, parse_sets
-    from optimizers import OptimizerConfigError
-    from optimizers.plugins import lr_grid
+    from bench.suite import Experiment, Suite, apply_sets, expand, parse_sets
 
     opts = [o.strip() for o in optimizer.split(",") if o.strip()]
-    try:
-        lrs = {o: _floats(lr, "--lr") if lr else lr_grid(o) or _floats(DEFAULT_LRS, "--lr") for o in opts}
-    except OptimizerConfigError as exc:
-        raise SuiteError(f"--optimizer {optimizer!r}: {exc}") from None
+    lrs = sweep_lrs(opts, lr)
     sweep_name = name or f"sweep-{task}-{preset}"
     sets = parse_sets(set_ or [])
     grid = Suite(name=sweep_name, experiments=[Experiment(
@@ -208,6 +203,17 @@ def sweep(
     trials = grid_trials + expand(apply_sets(final, sets))
     code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv)))
     raise typer.Exit(code)
+
+
+def sweep_lrs(opts: list[str], lr: str | None) -> dict[str, list[float]]:
+    """Each optimizer's learning rates: `lr` if given, else its own `bench_lr_grid`, else `DEFAULT_LRS`."""
+    from optimizers import OptimizerConfigError
+    from optimizers.plugins import lr_grid
+
+    try:
+        return {o: _floats(lr, "--lr") if lr else lr_grid(o) or _floats(DEFAULT_LRS, "--lr") for o in opts}
+    except OptimizerConfigError as exc:
+        raise UserError(f"--optimizer {','.join(opts)!r}: {exc}") from None
 
 
 def _best_lrs(trials: list[Any], uri: str, experiment: str) -> dict[str, float]:
@@ -329,10 +335,11 @@ def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None
 
         for name in optimizers.available():
             spec = optimizers.spec(name)
-            console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}")
+            console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}", markup=False)
         console.print("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
         for name, ep in optimizers.plugins.installed().items():
-            console.print(f"{name} [entry point {ep.value}" + (f" of {ep.dist.name}" if ep.dist else "") + "]")
+            console.print(f"{name} [entry point {ep.value}" + (f" of {ep.dist.name}" if ep.dist else "") + "]",
+                          markup=False)
         console.print("your own: module:Class or module:factory, or an entry point of group bench.optimizers")
     else:
         from bench.suite import available, load

@@ -119,6 +119,14 @@ def test_user_optimizers_in_suite_yaml(tmp_path: Path) -> None:
     assert by_row[f"{HERE}:sgd_factory"].hparams == {"lr": 1e-2}
 
 
+def test_sweep_takes_each_optimizers_own_lr_grid_unless_given() -> None:
+    from bench.cli import DEFAULT_LRS, sweep_lrs
+
+    default = [float(v) for v in DEFAULT_LRS.split(",")]
+    assert sweep_lrs(["adamw", SIGN], None) == {"adamw": default, SIGN: [1e-3, 3e-3]}
+    assert sweep_lrs(["adamw", SIGN], "0.1") == {"adamw": [0.1], SIGN: [0.1]}
+
+
 def test_cli_errors_exit_2_without_traceback_or_files(bench: Bench) -> None:
     for args in (["run", "--suite", "smoke", "--add-optimizer", "no_such_module_xyz:Opt"],
                  ["run", "--suite", "smoke", "--add-optimizer", f"{SIGN}:betas=1"],
@@ -248,7 +256,7 @@ def test_installed_package_runs_a_smoke_table_through_tune_and_mlflow(tmp_path: 
         experiments:
           - {task: llm_pretrain, preset: smoke, table: llm_pretrain_bf16, column: tiny,
              overrides: {steps: 20, eval_every: 10, checkpoint_every: 10},
-             optimizers: [{name: adamw, label: adam}, tiny_sign+adagn+adaclip], seeds: [0, 1]}
+             optimizers: [{name: adamw, label: adam}, tiny_sign+adagn+adaclip]}
         """))
     b = Bench(tmp_path / "run")
     b.root.mkdir()
@@ -261,7 +269,7 @@ def test_installed_package_runs_a_smoke_table_through_tune_and_mlflow(tmp_path: 
     runs = client.search_runs([client.get_experiment_by_name("bench-byo").experiment_id],
                               filter_string="tags.`bench.role` = 'trial'")
     mine = [r for r in runs if r.data.tags["bench.optimizer"] == "tiny_sign"]
-    assert len(runs) == 6 and len(mine) == 2 and {r.data.tags["bench.status"] for r in runs} == {"finished"}
+    assert len(runs) == 3 and len(mine) == 1 and {r.data.tags["bench.status"] for r in runs} == {"finished"}
     for r in mine:  # the resolved hyperparameters, read back from the optimizer at step 0
         assert r.data.params["opt.optimizer"] == "tiny_sign" and r.data.params["opt.beta"] == "0.8"
         assert r.data.params["opt.lr"] == "0.002" and "bench-tiny-sign 0.1.0" in r.data.params["opt.source"]
