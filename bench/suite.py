@@ -262,7 +262,8 @@ def parse_added(text: str) -> OptimizerEntry:
     if not name:
         raise SuiteError(f"bad --add-optimizer {text!r}: expected NAME or NAME:k=v,... (e.g. mypkg.opt:MyOpt:lr=1e-3)")
     hparams: dict[str, Any] = {}
-    for item in _NEXT_KEY.split(match.group("hparams") or "") if match.group("hparams") else []:
+    raw = match.group("hparams")
+    for item in _NEXT_KEY.split(raw) if raw else []:
         key, _, value = item.partition("=")
         try:
             hparams[key.strip()] = yaml_load(value)

@@ -113,8 +113,8 @@ def _load(base: str) -> tuple[Any, str, str]:
         raise OptimizerConfigError(f"optimizer {base!r} (entry point {ep.value!r} of group {GROUP!r}) failed to "
                                    f"load: {type(exc).__name__}: {exc}") from None
     dist = ep.dist.name if ep.dist is not None else None
-    version = package_version(dist) if dist else None
-    return obj, ep.value, f"{dist or 'entry point'} {version or ''} ({ep.value})".replace("  ", " ")
+    where = f"{dist} {package_version(dist) or '(version unknown)'}" if dist else f"entry point {ep.name}"
+    return obj, ep.value, f"{where} ({ep.value})"
 
 
 def _hparams_of(obj: Any, target: str) -> tuple[dict[str, Any], set[str], bool]:
@@ -153,13 +153,14 @@ def _declared(obj: Any, target: str, accepts: set[str], accepts_any: bool) -> tu
         lrs = (0.0,)
     if any(not v > 0 for v in lrs):
         raise OptimizerConfigError(f"optimizer {target!r}: bench_lr_grid must list positive numbers, got {grid!r}")
+    own = {k: tuple(v) if isinstance(v, list) else v for k, v in own.items()}  # a value, not a grid axis
     state = getattr(obj, "bench_state", None)
     if state is None:
-        return dict(own), lrs, BaseStateLayout(())
+        return own, lrs, BaseStateLayout(())
     if not isinstance(state, dict) or set(state) - {"moments", "step"} or isinstance(state.get("moments"), str):
         raise OptimizerConfigError(f"optimizer {target!r}: bench_state must be {{'moments': [state keys], "
                                    f"'step': state key or None}}, got {state!r}")
-    return dict(own), lrs, BaseStateLayout(tuple(state.get("moments", ())), state.get("step"))
+    return own, lrs, BaseStateLayout(tuple(state.get("moments", ())), state.get("step"))
 
 
 def _factory(obj: Any, target: str) -> Callable[[ParamInput, dict[str, Any]], torch.optim.Optimizer]:
