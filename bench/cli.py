@@ -30,6 +30,9 @@ AddressOpt = Annotated[str | None, typer.Option(
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="override for every trial: task.FIELD=V, hparams.NAME=V, seeds=N or [..], preset=P")]
 OutOpt = Annotated[Path, typer.Option("--out", help="folder for leaderboard tables and plots")]
+AddOpt = Annotated[list[str] | None, typer.Option(
+    "--add-optimizer", help="add a row to every table: NAME[:k=v,...], NAME a registry name, an entry point of "
+    "bench.optimizers or module:Class; values as in a suite (a list is a grid axis)")]
 
 
 class UserError(Exception):
@@ -120,6 +123,7 @@ def run(
     tracking_uri: TrackingOpt = None,
     max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=0, help="0: as resources allow")] = 0,
     set_: SetOpt = None,
+    add_optimizer: AddOpt = None,
     only: Annotated[str | None, typer.Option("--only", help="run part of the suite: tables or tasks, comma-separated")]
     = None,
     out: OutOpt = Path("results"),
@@ -127,7 +131,7 @@ def run(
     """Run every trial of a suite that is not finished yet, then print and save its leaderboard."""
     from bench.suite import load_trials, parse_sets
 
-    s, trials = load_trials(suite, parse_sets(set_ or []))
+    s, trials = load_trials(suite, parse_sets(set_ or []), add_optimizer)
     if only:
         trials = _only(trials, only)
     if dry_run:
@@ -147,6 +151,9 @@ def _only(trials: list[Any], only: str) -> list[Any]:
     return [t for t in trials if t.table in names or t.spec.task in names]
 
 
+DEFAULT_LRS = "1e-4,3e-4,1e-3"
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -160,8 +167,10 @@ def _floats(text: str, what: str) -> list[float]:
 @app.command()
 def sweep(
     task: Annotated[str, typer.Option("--task", help="task name (see `bench list tasks`)")],
-    optimizer: Annotated[str, typer.Option("--optimizer", help="one or more optimizer names, comma-separated")],
-    lr: Annotated[str, typer.Option("--lr", help="learning rates, comma-separated")] = "1e-4,3e-4,1e-3",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="one or more optimizer names (registry names, "
+                                           "entry points of bench.optimizers, module:Class), comma-separated")],
+    lr: Annotated[str | None, typer.Option("--lr", help="learning rates, comma-separated [default: each "
+                                           f"optimizer's bench_lr_grid, else {DEFAULT_LRS}]")] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds for the best lr of each optimizer")] = 3,
     preset: Annotated[str, typer.Option("--preset", help="task preset")] = "smoke",
     name: Annotated[str | None, typer.Option("--name", help="name of the sweep [default: sweep-TASK-PRESET]")]
@@ -175,13 +184,13 @@ def sweep(
     """Learning-rate grid (seed 0), then the best lr of each optimizer re-run over N seeds."""
     from bench.suite import Experiment, Suite, apply_sets, expand, parse_sets
 
-    lrs = _floats(lr, "--lr")
     opts = [o.strip() for o in optimizer.split(",") if o.strip()]
+    lrs = sweep_lrs(opts, lr)
     sweep_name = name or f"sweep-{task}-{preset}"
     sets = parse_sets(set_ or [])
     grid = Suite(name=sweep_name, experiments=[Experiment(
-        task=task, preset=preset, table=f"{sweep_name}-grid", column=preset, hparams={"lr": lrs},
-        optimizers=opts, seeds=[0])])
+        task=task, preset=preset, table=f"{sweep_name}-grid", column=preset, hparams={"lr": lrs[o]},
+        optimizers=[o], seeds=[0]) for o in opts])
     grid_trials = expand(apply_sets(grid, sets))
     uri = _uri(tracking_uri)
     code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv))
@@ -195,6 +204,17 @@ def sweep(
     trials = grid_trials + expand(apply_sets(final, sets))
     code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv)))
     raise typer.Exit(code)
+
+
+def sweep_lrs(opts: list[str], lr: str | None) -> dict[str, list[float]]:
+    """Each optimizer's learning rates: `lr` if given, else its own `bench_lr_grid`, else `DEFAULT_LRS`."""
+    from optimizers import OptimizerConfigError
+    from optimizers.plugins import lr_grid
+
+    try:
+        return {o: _floats(lr, "--lr") if lr else lr_grid(o) or _floats(DEFAULT_LRS, "--lr") for o in opts}
+    except OptimizerConfigError as exc:
+        raise UserError(f"--optimizer {','.join(opts)!r}: {exc}") from None
 
 
 def _best_lrs(trials: list[Any], uri: str, experiment: str) -> dict[str, float]:
@@ -228,6 +248,7 @@ def leaderboard_cmd(
     fmt: Annotated[Format, typer.Option("--format", help="terminal output format")] = Format.md,
     tracking_uri: TrackingOpt = None,
     set_: SetOpt = None,
+    add_optimizer: AddOpt = None,
     out: OutOpt = Path("results"),
 ) -> None:
     """Comparison tables (ours beside the papers') and plots from the tracking store."""
@@ -242,7 +263,7 @@ def leaderboard_cmd(
     if not names:
         raise UserError(f"no suite has runs in {uri}; run one first, e.g. `bench run --suite smoke`")
     for n in names:
-        s, trials = load_trials(n, parse_sets(set_ or []))
+        s, trials = load_trials(n, parse_sets(set_ or []), add_optimizer)
         if not _store_has(uri, experiment_name(s.name)):
             raise UserError(f"suite {s.name!r} has no runs in {uri}; run it first: bench run --suite {n}")
         text, files = leaderboard.write(trials, uri, experiment_name(s.name), out / s.name, fmt=fmt.value)
@@ -315,8 +336,12 @@ def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None
 
         for name in optimizers.available():
             spec = optimizers.spec(name)
-            console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}")
+            console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}", markup=False)
         console.print("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
+        for name, ep in optimizers.plugins.installed().items():
+            console.print(f"{name} [entry point {ep.value}" + (f" of {ep.dist.name}" if ep.dist else "") + "]",
+                          markup=False)
+        console.print("your own: module:Class or module:factory, or an entry point of group bench.optimizers")
     else:
         from bench.suite import available, load
 

@@ -19,11 +19,17 @@ A suite file looks like::
 A list value in `overrides` or `hparams` is a grid axis (write a list-valued setting such as betas as a list of
 lists: `betas: [[0.9, 0.95]]`). Top-level keys starting with `x-` are ignored: use them for YAML anchors.
 Every error names the file, the line and the field.
+
+An optimizer may be a user optimizer (`mypkg.opt:MyOptimizer`, or a name of the `bench.optimizers` entry points; see
+`optimizers.plugins`); its own defaults (`bench_defaults`) enter its trials where the experiment and the row leave a
+name unset. `add_optimizers` (the command line's `--add-optimizer NAME[:k=v,...]`) adds one as a row to every
+experiment of a suite.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bench.spec import TrialSpec
 
 SUITES_DIR = Path(__file__).parent / "suites"
+log = logging.getLogger(__name__)
 
 
 class _Loader(yaml.SafeLoader):
@@ -241,6 +248,64 @@ def apply_sets(suite: Suite, sets: dict[str, Any]) -> Suite:
     return suite.model_copy(update={"experiments": exps})
 
 
+# --- optimizers added from the command line -----------------------------------------------------------------------
+
+_ADDED = re.compile(r"^(?P<name>[^=]*?)(?::(?P<hparams>[A-Za-z_]\w*\s*=.*))?$", re.S)
+_NEXT_KEY = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")
+
+
+def parse_added(text: str) -> OptimizerEntry:
+    """`NAME[:k=v,...]` -> a row entry labelled `text`. Values are YAML (a list is a grid axis, as in a suite); NAME
+    may be an import path `module:attr`, whose colon is told from the hyperparameters' by the `=` after a name."""
+    match = _ADDED.match(text.strip())
+    name = match.group("name").strip() if match else ""
+    if not name:
+        raise SuiteError(f"bad --add-optimizer {text!r}: expected NAME or NAME:k=v,... (e.g. mypkg.opt:MyOpt:lr=1e-3)")
+    hparams: dict[str, Any] = {}
+    raw = match.group("hparams")
+    for item in _NEXT_KEY.split(raw) if raw else []:
+        key, _, value = item.partition("=")
+        try:
+            hparams[key.strip()] = yaml_load(value)
+        except yaml.YAMLError as exc:
+            raise SuiteError(f"bad --add-optimizer {text!r}: the value of {key.strip()!r} is not valid YAML "
+                             f"({exc})") from None
+    return OptimizerEntry(name=name, label=text.strip(), hparams=hparams)
+
+
+def add_optimizers(suite: Suite, added: list[str]) -> Suite:
+    """Add each `NAME[:k=v,...]` as a row (labelled as written) to every experiment, with the experiment's seeds,
+    overrides and shared hyperparameters. An experiment whose shared hyperparameters the optimizer does not take
+    (a study of another optimizer's own settings) is left as it is, with a warning naming its table."""
+    import optimizers
+
+    if not added:
+        return suite
+    exps = [e.model_copy(deep=True) for e in suite.experiments]
+    for text in added:
+        entry = parse_added(text)
+        try:
+            spec = optimizers.spec(entry.name)
+        except (KeyError, ValueError) as exc:
+            raise SuiteError(f"--add-optimizer {text!r}: {exc.args[0]}") from None
+        unknown = sorted(set(entry.hparams) - spec.accepts) if not spec.accepts_any else []
+        if unknown:
+            raise SuiteError(f"--add-optimizer {text!r}: optimizer {entry.name!r} has no hyperparameter "
+                             f"{', '.join(map(repr, unknown))}; valid: {', '.join(sorted(spec.accepts))}")
+        for exp in exps:
+            rows = [o if isinstance(o, str) else o.label or o.name for o in exp.optimizers]
+            if entry.label in rows:
+                raise SuiteError(f"--add-optimizer {text!r}: table {exp.table or exp.task!r} already has a row "
+                                 f"{entry.label!r}; give other hyperparameters or another name")
+            foreign = sorted(set(exp.hparams) - spec.accepts - set(entry.hparams))
+            if foreign:
+                log.warning("--add-optimizer %s: not added to table %s (%s), whose experiment sets %s",
+                            text, exp.table or exp.task, exp.column or exp.preset, ", ".join(foreign))
+                continue
+            exp.optimizers.append(entry.model_copy())
+    return suite.model_copy(update={"experiments": exps})
+
+
 # --- expansion and validation against the task and optimizer registries ------------------------------------------
 
 
@@ -268,6 +333,7 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
     """All trials of a suite, checked against the task and optimizer registries (SuiteError on the first problems)."""
     import optimizers
     import tasks
+    from optimizers.plugins import own_defaults
 
     path = path or Path(f"<suite {suite.name}>")
     trials: list[Trial] = []
@@ -286,7 +352,6 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
             )
             continue
         entries = [OptimizerEntry(name=o) if isinstance(o, str) else o for o in exp.optimizers]
-        varying = {k for k, v in {**exp.overrides, **exp.hparams}.items() if isinstance(v, list)}
         for overrides in _grid(exp.overrides):
             try:
                 cfg = task.config(exp.preset, overrides)
@@ -304,14 +369,15 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
                 except (KeyError, ValueError) as exc:
                     errors.append(f"{_where(path, root, opt_where)}: {exc.args[0]}")
                     continue
-                merged = {**exp.hparams, **entry.hparams}
+                merged = {**own_defaults(entry.name), **exp.hparams, **entry.hparams}
                 unknown = sorted(set(merged) - set(spec.accepts))
-                if unknown:
+                if unknown and not spec.accepts_any:
                     errors.append(
                         f"{_where(path, root, opt_where)}: optimizer {entry.name!r} has no hyperparameter "
                         f"{', '.join(map(repr, unknown))}; valid: {', '.join(sorted(spec.accepts))}"
                     )
                     continue
+                varying = {k for k, v in {**exp.overrides, **merged}.items() if isinstance(v, list)}
                 for hp in _grid(merged):
                     problem = _check_hparams(entry.name, spec, hp)
                     if problem:
@@ -336,9 +402,10 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
     return trials
 
 
-def load_trials(name_or_path: str, sets: dict[str, Any] | None = None) -> tuple[Suite, list[Trial]]:
+def load_trials(name_or_path: str, sets: dict[str, Any] | None = None, added: list[str] | None = None
+                ) -> tuple[Suite, list[Trial]]:
     suite, path, root = load(name_or_path)
-    suite = apply_sets(suite, sets or {})
+    suite = apply_sets(add_optimizers(suite, added or []), sets or {})
     return suite, expand(suite, path, root)
 
 

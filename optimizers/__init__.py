@@ -6,6 +6,8 @@ Public API:
 - `build(name, params_or_model, **hparams)`, `available()`, `catalog()`, `spec(name)`, `resolved_hparams(opt)`,
   `verify(opt, name, requested)`, `optimizer_class(name, **hparams)`, `param_groups(model)`: the registry (module
   `registry`).
+- `plugins`: user optimizers (``module:attr`` names, the ``bench.optimizers`` entry points), which the registry
+  builds like its own names.
 - `SpikeMonitor`: per-layer-type gradient spike statistics (module `spike_monitor`).
 - `SpikeAwareAdam`, `ComponentWrapper`: the engines behind the compositions (modules `spike_aware`, `compose`);
   `functional` holds the tensor math of every transform.
@@ -16,6 +18,7 @@ needs them is built.
 
 from __future__ import annotations
 
+from . import plugins
 from .compose import ComponentWrapper
 from .registry import (
     OptimizerConfigError,
@@ -49,6 +52,7 @@ __all__ = [
     "catalog",
     "optimizer_class",
     "param_groups",
+    "plugins",
     "resolved_hparams",
     "spec",
     "verify",

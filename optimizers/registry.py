@@ -8,7 +8,9 @@ Names:
   (each at most once, applied in the canonical order of `compose` whatever their order in the name). Compositions
   over adam/adamw run on the in-house `SpikeAwareAdam` (torch's Adam/AdamW arithmetic unless ``adam_form="spam"``;
   adam takes weight decay as L2, adamw decoupled); compositions over the other bases wrap the package optimizer;
-- aliases: ``adam_gradclip`` = ``adam+gradclip``.
+- aliases: ``adam_gradclip`` = ``adam+gradclip``;
+- user optimizers, ``module:attr`` or a name from the ``bench.optimizers`` entry points, alone or with components
+  (module `plugins`).
 
 Only ``stable_spam`` and the in-house adam/adamw compositions with ``moret`` take Stable-SPAM's beta1/gamma1 schedule
 (``total_steps``, ``eta_min``; `owns_schedule`); every other name rejects them. ``adam_mini`` compositions apply
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .baselines import BASELINES, GALORE_KEYS, ParamInput
+from .baselines import BASELINES, GALORE_KEYS, Baseline, ParamInput
 from .compose import ADAPTIVE_OFF, COMPONENTS, ComponentOptimizer, ComponentWrapper, Pipeline
 from .spam import SPAM
 from .spike_aware import SpikeAwareAdam
@@ -118,6 +120,7 @@ class OptimizerSpec:
     unavailable: str | None = None
     fused_kernel: bool = False
     factory: Factory | None = field(default=None, repr=False)
+    accepts_any: bool = False  # a user optimizer with **kwargs: any hyperparameter name is passed on
 
     @property
     def available(self) -> bool:
@@ -279,11 +282,12 @@ def owns_schedule(base: str, components: tuple[str, ...]) -> bool:
     return base in IN_HOUSE_BASES and "moret" in components
 
 
-def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> OptimizerSpec:
+def _composite_spec(name: str, base: str, components: tuple[str, ...], baseline: Baseline | None = None
+                    ) -> OptimizerSpec:
     component_defaults: dict[str, Any] = {}
     for c in components:
         component_defaults.update(COMPONENT_HPARAMS[c])
-    b = BASELINES[base]
+    b = baseline or BASELINES[base]
     if base in IN_HOUSE_BASES:
         defaults = {
             "lr": 1e-3,
@@ -348,12 +352,20 @@ def _composite_spec(name: str, base: str, components: tuple[str, ...]) -> Optimi
 
 
 def _valid_names() -> str:
-    return (f"{', '.join([*BASELINES, *IN_HOUSE, *ALIASES])}, or base+component+... with a base among "
-            f"{', '.join(BASELINES)} and components among {', '.join(COMPONENTS)}")
+    from .plugins import installed
+
+    return (f"{', '.join([*BASELINES, *IN_HOUSE, *ALIASES, *installed()])}, or base+component+... with a base "
+            f"among {', '.join(BASELINES)} and components among {', '.join(COMPONENTS)}, or an import path "
+            "module:Optimizer")
 
 
 def spec(name: str) -> OptimizerSpec:
     """The spec of an optimizer name (raises OptimizerConfigError for unknown names)."""
+    from .plugins import user_spec
+
+    user = user_spec(name)  # `module:attr` names and the bench.optimizers entry points (module `plugins`)
+    if user is not None:
+        return user
     key = _normalize(name)
     target = ALIASES.get(key, key)
     if "+" in target:
@@ -399,6 +411,8 @@ def catalog() -> dict[str, str]:
 
 
 def _check_known(s: OptimizerSpec, hparams: dict[str, Any]) -> None:
+    if s.accepts_any:
+        return
     allowed = s.accepts | ({"fused"} if s.fused_kernel else set())
     unknown = sorted(set(hparams) - allowed)
     if unknown:
