@@ -1,29 +1,58 @@
 """Triton kernels of the fused SPAM and Stable-SPAM steps (imported only by `fused`, and only when triton is).
 
-Every kernel works on one contiguous tensor, in blocks of BLOCK entries, and computes in float32 whatever the storage
-dtype; the math is that of `functional.py` (see `fused` for how the steps use the kernels).
+Every kernel is multi-tensor: one launch covers all tensors of a bucket. A program handles BLOCK entries of one tensor,
+found through a block table (int64 rows: tensor index, first entry, tensor length), and reaches the tensor through
+pointer tables (int64 addresses, one row per role: parameter, moments, per-tensor statistics; gradients separately).
+Per-tensor reductions (max |g|, the norm of the clipped gradient) are atomics into a float32 scratch buffer. The
+kernels compute in float32; with ROUND (a bfloat16 compute dtype) every operation is rounded to bfloat16 where the
+foreach path of `functional.py` rounds it, so both paths agree to the last bit up to float32 ties.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["clipped_sq_norm_kernel", "spam_kernel", "stable_kernel"]
+__all__ = ["TL_DTYPES", "absmax_kernel", "adaclip_kernel", "adagn_kernel", "clipped_sq_kernel", "spam_kernel",
+           "stable_kernel"]
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _rne(x, ROUND: tl.constexpr):
+    """x rounded to bfloat16 precision (kept as float32) when ROUND, to nearest even, by hand so that every backend
+    (the interpreter too) agrees."""
+    if ROUND:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x
 
 
 @triton.jit
 def _store(ptrs, x, mask):
-    # float32 -> bfloat16 rounded to nearest even by hand, so that every backend (the interpreter too) agrees.
-    if ptrs.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    x = _rne(x, ptrs.dtype.element_ty == tl.bfloat16)
     tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _load_moments(m_ptr, v_ptr, offs, mask, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+def _block(blocks, BLOCK: tl.constexpr):
+    """(tensor index, entry offsets, mask) of this program's block."""
+    row = blocks + 3 * tl.program_id(0).to(tl.int64)
+    t = tl.load(row)
+    offs = tl.load(row + 1) + tl.arange(0, BLOCK)
+    return t, offs, offs < tl.load(row + 2)
+
+
+@triton.jit
+def _ptr(table, row, n_tensors, t, DTYPE: tl.constexpr):
+    return tl.load(table + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _moments(m_ptr, v_ptr, offs, mask, ZERO: tl.constexpr, BLOCK: tl.constexpr):
     """The moments in float32: zeros on a reset step (ZERO), else loaded."""
     if ZERO:
         m = tl.zeros([BLOCK], dtype=tl.float32)
@@ -35,57 +64,135 @@ def _load_moments(m_ptr, v_ptr, offs, mask, ZERO: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def spam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, w1, beta2, w2, eps, step_size, decay, threshold,
-                CLIP: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m, v = _load_moments(m_ptr, v_ptr, offs, mask, ZERO, BLOCK)
+def _adam_moments(m, v, g, w1, beta2, w2, ROUND: tl.constexpr):
+    # m <- lerp(m, g, w1) and v <- beta2 * v + w2 * g^2 as torch computes them (w1 = 1 - beta1, w2 = 1 - beta2).
+    m = _rne(tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1)), ROUND)
+    v = _rne(_rne(v * beta2, ROUND) + w2 * g * g, ROUND)
+    return m, v
+
+
+@triton.jit
+def _positive_or_one(x):
+    return tl.where(x > 0, x, tl.where(x == 0, 1.0, x))
+
+
+# --- Stable-SPAM ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def absmax_kernel(grads, blocks, peak_bits, G: tl.constexpr, BLOCK: tl.constexpr):
+    """peak_bits[t] <- max(peak_bits[t], bits of max |g| over this block) (int32 order is float order for x >= 0)."""
+    t, offs, mask = _block(blocks, BLOCK)
+    g = tl.load(_ptr(grads, 0, 0, t, G) + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_max(peak_bits + t, tl.max(tl.abs(g), axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def adaclip_kernel(states, n_tensors, scratch, gamma3, w3, bc3, S: tl.constexpr, ROUND: tl.constexpr,
+                   SBLOCK: tl.constexpr):
+    """Per tensor: T <- gamma3 T + (1 - gamma3) M; T_hat = T / bc3; ratio = min(T_hat, M) / (M or 1), as
+    `functional.adaclip_` (scratch rows: 0 M, 2 T_hat, 3 ratio)."""
+    i = tl.program_id(0) * SBLOCK + tl.arange(0, SBLOCK)
+    mask = i < n_tensors
+    peak = tl.load(scratch + i, mask=mask, other=0.0)
+    thr_ptr = tl.load(states + 3 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
+    thr = tl.load(thr_ptr, mask=mask, other=0.0).to(tl.float32)
+    thr = _rne(_rne(thr * gamma3, ROUND) + w3 * peak, ROUND)
+    t_hat = _rne(tl.div_rn(thr, bc3), ROUND)
+    ratio = _rne(tl.div_rn(tl.minimum(t_hat, peak), _positive_or_one(peak)), ROUND)
+    _store(thr_ptr, thr, mask)
+    tl.store(scratch + 2 * n_tensors + i, t_hat, mask=mask)
+    tl.store(scratch + 3 * n_tensors + i, ratio, mask=mask)
+
+
+@triton.jit
+def _clip(g, t, n_tensors, scratch, ROUND: tl.constexpr):
+    t_hat = tl.load(scratch + 2 * n_tensors + t)
+    ratio = tl.load(scratch + 3 * n_tensors + t)
+    return tl.where(tl.abs(g) > t_hat, _rne(g * ratio, ROUND), g)
+
+
+@triton.jit
+def clipped_sq_kernel(grads, blocks, n_tensors, scratch, G: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
+    """scratch row 1 [t] += sum of squares of the AdaClip-clipped gradient over this block."""
+    t, offs, mask = _block(blocks, BLOCK)
+    g = tl.load(_ptr(grads, 0, 0, t, G) + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _clip(g, t, n_tensors, scratch, ROUND)
+    tl.atomic_add(scratch + n_tensors + t, tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def adagn_kernel(states, n_tensors, scratch, gamma1, w1, gamma2, w2, bc1, bc2, eps, S: tl.constexpr,
+                 ROUND: tl.constexpr, SBLOCK: tl.constexpr):
+    """Per tensor: n = ||g||; mu, nu updated; factor = mu_hat / (sqrt(nu_hat) + eps) / (n or 1), as
+    `functional.adagn_` (scratch rows: 1 sum of squares in, 4 factor out)."""
+    i = tl.program_id(0) * SBLOCK + tl.arange(0, SBLOCK)
+    mask = i < n_tensors
+    norm = _rne(tl.sqrt_rn(tl.load(scratch + n_tensors + i, mask=mask, other=0.0)), ROUND)
+    mu_ptr = tl.load(states + 4 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
+    nu_ptr = tl.load(states + 5 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
+    mu = tl.load(mu_ptr, mask=mask, other=0.0).to(tl.float32)
+    nu = tl.load(nu_ptr, mask=mask, other=0.0).to(tl.float32)
+    mu = _rne(_rne(mu * gamma1, ROUND) + w1 * norm, ROUND)
+    nu = _rne(_rne(nu * gamma2, ROUND) + w2 * _rne(norm * norm, ROUND), ROUND)
+    mu_hat = _rne(tl.div_rn(mu, bc1), ROUND)
+    denom = _rne(_rne(tl.sqrt_rn(_rne(tl.div_rn(nu, bc2), ROUND)), ROUND) + eps, ROUND)
+    factor = _rne(tl.div_rn(_rne(tl.div_rn(mu_hat, denom), ROUND), _positive_or_one(norm)), ROUND)
+    _store(mu_ptr, mu, mask)
+    _store(nu_ptr, nu, mask)
+    tl.store(scratch + 4 * n_tensors + i, factor, mask=mask)
+
+
+@triton.jit
+def stable_kernel(states, grads, blocks, n_tensors, scratch, decay, w1, beta2, w2, step_size, bc2_sqrt, eps,
+                  P: tl.constexpr, S: tl.constexpr, ROUND: tl.constexpr, ZERO_BEFORE: tl.constexpr,
+                  ZERO_AFTER: tl.constexpr, BLOCK: tl.constexpr):
+    """AdaClip, AdaGN's scale, decoupled weight decay and Adam (torch form) on one block; moments zeroed before the
+    update (ZERO_BEFORE, moret mode "clean") or stored as zeros after it (ZERO_AFTER, mode "stable_spam")."""
+    t, offs, mask = _block(blocks, BLOCK)
+    p_ptr = _ptr(states, 0, n_tensors, t, P) + offs
+    m_ptr = _ptr(states, 1, n_tensors, t, S) + offs
+    v_ptr = _ptr(states, 2, n_tensors, t, S) + offs
+    g = tl.load(_ptr(grads, 0, 0, t, P) + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    m, v = _moments(m_ptr, v_ptr, 0, mask, ZERO_BEFORE, BLOCK)
+    g = _clip(g, t, n_tensors, scratch, ROUND)
+    g = _rne(g * tl.load(scratch + 4 * n_tensors + t), ROUND)
+    p = _rne(p * decay, ROUND)
+    m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
+    denom = _rne(_rne(tl.div_rn(_rne(tl.sqrt_rn(v), ROUND), bc2_sqrt), ROUND) + eps, ROUND)
+    p = p + step_size * tl.div_rn(m, denom)
+    _store(p_ptr, p, mask)
+    if ZERO_AFTER:
+        m = tl.zeros([BLOCK], dtype=tl.float32)
+        v = tl.zeros([BLOCK], dtype=tl.float32)
+    _store(m_ptr, m, mask)
+    _store(v_ptr, v, mask)
+
+
+# --- SPAM -------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def spam_kernel(states, grads, blocks, n_tensors, w1, beta2, w2, eps, step_size, decay, threshold,
+                P: tl.constexpr, S: tl.constexpr, ROUND: tl.constexpr, CLIP: tl.constexpr, ZERO: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """SPAM on one block: moments zeroed on the reset step (ZERO), spike clip against v (CLIP), Adam in SPAM's form,
+    then decoupled weight decay."""
+    t, offs, mask = _block(blocks, BLOCK)
+    p_ptr = _ptr(states, 0, n_tensors, t, P) + offs
+    m_ptr = _ptr(states, 1, n_tensors, t, S) + offs
+    v_ptr = _ptr(states, 2, n_tensors, t, S) + offs
+    g = tl.load(_ptr(grads, 0, 0, t, P) + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    m, v = _moments(m_ptr, v_ptr, 0, mask, ZERO, BLOCK)
     if CLIP:
-        bound = tl.sqrt_rn(v * threshold)
+        bound = _rne(tl.sqrt_rn(_rne(v * threshold, ROUND)), ROUND)
         g = tl.maximum(tl.minimum(g, bound), -bound)
-    # m <- lerp(m, g, w1) and v <- beta2 * v + w2 * g^2 as torch computes them (w1 = 1 - beta1, w2 = 1 - beta2).
-    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
-    v = v * beta2 + w2 * g * g
-    denom = tl.sqrt_rn(v) + eps
-    p = p + step_size * tl.div_rn(m, denom)
+    m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
+    denom = _rne(_rne(tl.sqrt_rn(v), ROUND) + eps, ROUND)
+    p = _rne(p + step_size * tl.div_rn(m, denom), ROUND)
     p = p * decay
-    _store(p_ptr + offs, p, mask)
-    _store(m_ptr + offs, m, mask)
-    _store(v_ptr + offs, v, mask)
-
-
-@triton.jit
-def clipped_sq_norm_kernel(g_ptr, n, t_hat_ptr, ratio_ptr, out_ptr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t_hat = tl.load(t_hat_ptr).to(tl.float32)
-    ratio = tl.load(ratio_ptr).to(tl.float32)
-    g = tl.where(tl.abs(g) > t_hat, g * ratio, g)
-    tl.atomic_add(out_ptr, tl.sum(g * g, axis=0))
-
-
-@triton.jit
-def stable_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, t_hat_ptr, ratio_ptr, factor_ptr, decay, w1, beta2, w2,
-                  step_size, bc2_sqrt, eps, ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m, v = _load_moments(m_ptr, v_ptr, offs, mask, ZERO, BLOCK)
-    t_hat = tl.load(t_hat_ptr).to(tl.float32)
-    ratio = tl.load(ratio_ptr).to(tl.float32)
-    factor = tl.load(factor_ptr).to(tl.float32)
-    g = tl.where(tl.abs(g) > t_hat, g * ratio, g)
-    g = g * factor
-    p = p * decay
-    # m <- lerp(m, g, w1) and v <- beta2 * v + w2 * g^2 as torch computes them (w1 = 1 - beta1, w2 = 1 - beta2).
-    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
-    v = v * beta2 + w2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p + step_size * tl.div_rn(m, denom)
-    _store(p_ptr + offs, p, mask)
-    _store(m_ptr + offs, m, mask)
-    _store(v_ptr + offs, v, mask)
+    _store(p_ptr, p, mask)
+    _store(m_ptr, m, mask)
+    _store(v_ptr, v, mask)
