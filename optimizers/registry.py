@@ -33,6 +33,7 @@ from torch import nn
 
 from .baselines import BASELINES, GALORE_KEYS, ParamInput
 from .compose import COMPONENTS, ComponentOptimizer, ComponentWrapper, Pipeline
+from .fused import kernel_name
 from .spam import SPAM
 from .spike_aware import SpikeAwareAdam
 from .stable_spam import StableSPAM
@@ -526,5 +527,6 @@ def resolved_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
         out["variant"] = opt.variant
     if isinstance(opt, ComponentWrapper):
         out["base_class"] = f"{type(inner).__module__}.{type(inner).__qualname__}"
+    out["kernel"] = kernel_name(inner)
     out["param_groups"] = len(opt.param_groups)
     return out
