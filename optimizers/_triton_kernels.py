@@ -3,6 +3,8 @@
 Every kernel is multi-tensor: one launch covers all tensors of a bucket. A program handles BLOCK entries of one tensor,
 found through a block table (int64 rows: tensor index, first entry, tensor length), and reaches the tensor through
 pointer tables (int64 addresses, one row per role: parameter, moments, per-tensor statistics; gradients separately).
+Addresses are 16-byte aligned and blocks start at multiples of BLOCK, and a block that lies inside its tensor takes
+the unmasked branch, so that loads and stores are vectorized; only a tensor's last block is masked.
 Per-tensor reductions (max |g|, the norm of the clipped gradient) are atomics into a float32 scratch buffer. The
 kernels compute in float32; with ROUND (a bfloat16 compute dtype) every operation is rounded to bfloat16 where the
 foreach path of `functional.py` rounds it, so both paths agree to the last bit up to float32 ties.
@@ -32,34 +34,48 @@ def _rne(x, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _store(ptrs, x, mask):
-    x = _rne(x, ptrs.dtype.element_ty == tl.bfloat16)
-    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _block(blocks, BLOCK: tl.constexpr):
-    """(tensor index, entry offsets, mask) of this program's block."""
+def _block(blocks):
+    """(tensor index, first entry, tensor length) of this program's block."""
     row = blocks + 3 * tl.program_id(0).to(tl.int64)
-    t = tl.load(row)
-    offs = tl.load(row + 1) + tl.arange(0, BLOCK)
-    return t, offs, offs < tl.load(row + 2)
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2)
 
 
 @triton.jit
-def _ptr(table, row, n_tensors, t, DTYPE: tl.constexpr):
-    return tl.load(table + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+def _ptr(table, row, n_tensors, t, offs, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The addresses of entries `offs` (a block) of tensor t in row `row` of a pointer table; tensors are 16-byte
+    aligned (`fused` sends only such tensors) and blocks start at multiples of BLOCK, which the hints say."""
+    base = tl.load(table + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+    return tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
 
 
 @triton.jit
-def _moments(m_ptr, v_ptr, offs, mask, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+def _load(ptrs, mask, FULL: tl.constexpr):
+    """float32 values; FULL (a block inside its tensor) loads without a mask, so that the loads are vectorized."""
+    if FULL:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptrs, x, mask, FULL: tl.constexpr):
+    x = _rne(x, ptrs.dtype.element_ty == tl.bfloat16)
+    if FULL:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty))
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moments(m_ptr, v_ptr, mask, ZERO: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """The moments in float32: zeros on a reset step (ZERO), else loaded."""
     if ZERO:
         m = tl.zeros([BLOCK], dtype=tl.float32)
         v = tl.zeros([BLOCK], dtype=tl.float32)
     else:
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = _load(m_ptr, mask, FULL)
+        v = _load(v_ptr, mask, FULL)
     return m, v
 
 
@@ -76,15 +92,25 @@ def _positive_or_one(x):
     return tl.where(x > 0, x, tl.where(x == 0, 1.0, x))
 
 
-# --- Stable-SPAM ------------------------------------------------------------------------------------------------------
+# --- Stable-SPAM -----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _absmax(g_ptr, mask, FULL: tl.constexpr):
+    return tl.max(tl.abs(_load(g_ptr, mask, FULL)), axis=0)
 
 
 @triton.jit
 def absmax_kernel(grads, blocks, peak_bits, G: tl.constexpr, BLOCK: tl.constexpr):
     """peak_bits[t] <- max(peak_bits[t], bits of max |g| over this block) (int32 order is float order for x >= 0)."""
-    t, offs, mask = _block(blocks, BLOCK)
-    g = tl.load(_ptr(grads, 0, 0, t, G) + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.atomic_max(peak_bits + t, tl.max(tl.abs(g), axis=0).to(tl.int32, bitcast=True))
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, G, BLOCK)
+    if start + BLOCK <= n:
+        peak = _absmax(g_ptr, offs < n, True)
+    else:
+        peak = _absmax(g_ptr, offs < n, False)
+    tl.atomic_max(peak_bits + t, peak.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -96,11 +122,11 @@ def adaclip_kernel(states, n_tensors, scratch, gamma3, w3, bc3, S: tl.constexpr,
     mask = i < n_tensors
     peak = tl.load(scratch + i, mask=mask, other=0.0)
     thr_ptr = tl.load(states + 3 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
-    thr = tl.load(thr_ptr, mask=mask, other=0.0).to(tl.float32)
+    thr = _load(thr_ptr, mask, False)
     thr = _rne(_rne(thr * gamma3, ROUND) + w3 * peak, ROUND)
     t_hat = _rne(tl.div_rn(thr, bc3), ROUND)
     ratio = _rne(tl.div_rn(tl.minimum(t_hat, peak), _positive_or_one(peak)), ROUND)
-    _store(thr_ptr, thr, mask)
+    _store(thr_ptr, thr, mask, False)
     tl.store(scratch + 2 * n_tensors + i, t_hat, mask=mask)
     tl.store(scratch + 3 * n_tensors + i, ratio, mask=mask)
 
@@ -113,12 +139,22 @@ def _clip(g, t, n_tensors, scratch, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _clipped_sq(g_ptr, mask, t, n_tensors, scratch, ROUND: tl.constexpr, FULL: tl.constexpr):
+    g = _clip(_load(g_ptr, mask, FULL), t, n_tensors, scratch, ROUND)
+    return tl.sum(g * g, axis=0)
+
+
+@triton.jit
 def clipped_sq_kernel(grads, blocks, n_tensors, scratch, G: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
     """scratch row 1 [t] += sum of squares of the AdaClip-clipped gradient over this block."""
-    t, offs, mask = _block(blocks, BLOCK)
-    g = tl.load(_ptr(grads, 0, 0, t, G) + offs, mask=mask, other=0.0).to(tl.float32)
-    g = _clip(g, t, n_tensors, scratch, ROUND)
-    tl.atomic_add(scratch + n_tensors + t, tl.sum(g * g, axis=0))
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, G, BLOCK)
+    if start + BLOCK <= n:
+        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, True)
+    else:
+        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, False)
+    tl.atomic_add(scratch + n_tensors + t, sq)
 
 
 @triton.jit
@@ -131,16 +167,37 @@ def adagn_kernel(states, n_tensors, scratch, gamma1, w1, gamma2, w2, bc1, bc2, e
     norm = _rne(tl.sqrt_rn(tl.load(scratch + n_tensors + i, mask=mask, other=0.0)), ROUND)
     mu_ptr = tl.load(states + 4 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
     nu_ptr = tl.load(states + 5 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
-    mu = tl.load(mu_ptr, mask=mask, other=0.0).to(tl.float32)
-    nu = tl.load(nu_ptr, mask=mask, other=0.0).to(tl.float32)
+    mu = _load(mu_ptr, mask, False)
+    nu = _load(nu_ptr, mask, False)
     mu = _rne(_rne(mu * gamma1, ROUND) + w1 * norm, ROUND)
     nu = _rne(_rne(nu * gamma2, ROUND) + w2 * _rne(norm * norm, ROUND), ROUND)
     mu_hat = _rne(tl.div_rn(mu, bc1), ROUND)
     denom = _rne(_rne(tl.sqrt_rn(_rne(tl.div_rn(nu, bc2), ROUND)), ROUND) + eps, ROUND)
     factor = _rne(tl.div_rn(_rne(tl.div_rn(mu_hat, denom), ROUND), _positive_or_one(norm)), ROUND)
-    _store(mu_ptr, mu, mask)
-    _store(nu_ptr, nu, mask)
+    _store(mu_ptr, mu, mask, False)
+    _store(nu_ptr, nu, mask, False)
     tl.store(scratch + 4 * n_tensors + i, factor, mask=mask)
+
+
+@triton.jit
+def _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
+                   bc2_sqrt, eps, ROUND: tl.constexpr, ZERO_BEFORE: tl.constexpr, ZERO_AFTER: tl.constexpr,
+                   FULL: tl.constexpr, BLOCK: tl.constexpr):
+    g = _load(g_ptr, mask, FULL)
+    p = _load(p_ptr, mask, FULL)
+    m, v = _moments(m_ptr, v_ptr, mask, ZERO_BEFORE, FULL, BLOCK)
+    g = _clip(g, t, n_tensors, scratch, ROUND)
+    g = _rne(g * tl.load(scratch + 4 * n_tensors + t), ROUND)
+    p = _rne(p * decay, ROUND)
+    m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
+    denom = _rne(_rne(tl.div_rn(_rne(tl.sqrt_rn(v), ROUND), bc2_sqrt), ROUND) + eps, ROUND)
+    p = p + step_size * tl.div_rn(m, denom)
+    _store(p_ptr, p, mask, FULL)
+    if ZERO_AFTER:
+        m = tl.zeros([BLOCK], dtype=tl.float32)
+        v = tl.zeros([BLOCK], dtype=tl.float32)
+    _store(m_ptr, m, mask, FULL)
+    _store(v_ptr, v, mask, FULL)
 
 
 @triton.jit
@@ -149,28 +206,39 @@ def stable_kernel(states, grads, blocks, n_tensors, scratch, decay, w1, beta2, w
                   ZERO_AFTER: tl.constexpr, BLOCK: tl.constexpr):
     """AdaClip, AdaGN's scale, decoupled weight decay and Adam (torch form) on one block; moments zeroed before the
     update (ZERO_BEFORE, moret mode "clean") or stored as zeros after it (ZERO_AFTER, mode "stable_spam")."""
-    t, offs, mask = _block(blocks, BLOCK)
-    p_ptr = _ptr(states, 0, n_tensors, t, P) + offs
-    m_ptr = _ptr(states, 1, n_tensors, t, S) + offs
-    v_ptr = _ptr(states, 2, n_tensors, t, S) + offs
-    g = tl.load(_ptr(grads, 0, 0, t, P) + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
-    m, v = _moments(m_ptr, v_ptr, 0, mask, ZERO_BEFORE, BLOCK)
-    g = _clip(g, t, n_tensors, scratch, ROUND)
-    g = _rne(g * tl.load(scratch + 4 * n_tensors + t), ROUND)
-    p = _rne(p * decay, ROUND)
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _ptr(states, 0, n_tensors, t, offs, P, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, P, BLOCK)
+    m_ptr = _ptr(states, 1, n_tensors, t, offs, S, BLOCK)
+    v_ptr = _ptr(states, 2, n_tensors, t, offs, S, BLOCK)
+    if start + BLOCK <= n:
+        _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
+                       bc2_sqrt, eps, ROUND, ZERO_BEFORE, ZERO_AFTER, True, BLOCK)
+    else:
+        _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
+                       bc2_sqrt, eps, ROUND, ZERO_BEFORE, ZERO_AFTER, False, BLOCK)
+
+
+# --- SPAM ------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, w1, beta2, w2, eps, step_size, decay, threshold,
+                 ROUND: tl.constexpr, CLIP: tl.constexpr, ZERO: tl.constexpr, FULL: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    g = _load(g_ptr, mask, FULL)
+    p = _load(p_ptr, mask, FULL)
+    m, v = _moments(m_ptr, v_ptr, mask, ZERO, FULL, BLOCK)
+    if CLIP:
+        bound = _rne(tl.sqrt_rn(_rne(v * threshold, ROUND)), ROUND)
+        g = tl.maximum(tl.minimum(g, bound), -bound)
     m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
-    denom = _rne(_rne(tl.div_rn(_rne(tl.sqrt_rn(v), ROUND), bc2_sqrt), ROUND) + eps, ROUND)
-    p = p + step_size * tl.div_rn(m, denom)
-    _store(p_ptr, p, mask)
-    if ZERO_AFTER:
-        m = tl.zeros([BLOCK], dtype=tl.float32)
-        v = tl.zeros([BLOCK], dtype=tl.float32)
-    _store(m_ptr, m, mask)
-    _store(v_ptr, v, mask)
-
-
-# --- SPAM -------------------------------------------------------------------------------------------------------------
+    denom = _rne(_rne(tl.sqrt_rn(v), ROUND) + eps, ROUND)
+    p = _rne(p + step_size * tl.div_rn(m, denom), ROUND)
+    _store(p_ptr, p * decay, mask, FULL)
+    _store(m_ptr, m, mask, FULL)
+    _store(v_ptr, v, mask, FULL)
 
 
 @triton.jit
@@ -179,20 +247,15 @@ def spam_kernel(states, grads, blocks, n_tensors, w1, beta2, w2, eps, step_size,
                 BLOCK: tl.constexpr):
     """SPAM on one block: moments zeroed on the reset step (ZERO), spike clip against v (CLIP), Adam in SPAM's form,
     then decoupled weight decay."""
-    t, offs, mask = _block(blocks, BLOCK)
-    p_ptr = _ptr(states, 0, n_tensors, t, P) + offs
-    m_ptr = _ptr(states, 1, n_tensors, t, S) + offs
-    v_ptr = _ptr(states, 2, n_tensors, t, S) + offs
-    g = tl.load(_ptr(grads, 0, 0, t, P) + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
-    m, v = _moments(m_ptr, v_ptr, 0, mask, ZERO, BLOCK)
-    if CLIP:
-        bound = _rne(tl.sqrt_rn(_rne(v * threshold, ROUND)), ROUND)
-        g = tl.maximum(tl.minimum(g, bound), -bound)
-    m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
-    denom = _rne(_rne(tl.sqrt_rn(v), ROUND) + eps, ROUND)
-    p = _rne(p + step_size * tl.div_rn(m, denom), ROUND)
-    p = p * decay
-    _store(p_ptr, p, mask)
-    _store(m_ptr, m, mask)
-    _store(v_ptr, v, mask)
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _ptr(states, 0, n_tensors, t, offs, P, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, P, BLOCK)
+    m_ptr = _ptr(states, 1, n_tensors, t, offs, S, BLOCK)
+    v_ptr = _ptr(states, 2, n_tensors, t, offs, S, BLOCK)
+    if start + BLOCK <= n:
+        _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, w1, beta2, w2, eps, step_size, decay, threshold, ROUND,
+                     CLIP, ZERO, True, BLOCK)
+    else:
+        _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, w1, beta2, w2, eps, step_size, decay, threshold, ROUND,
+                     CLIP, ZERO, False, BLOCK)

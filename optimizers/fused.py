@@ -20,9 +20,10 @@ the device. Kernels read the gradient from ``p.grad`` (no copy, left untouched).
 bfloat16 state, round where the foreach path rounds, so the paths agree up to float32 ties (`step_tolerance`). The
 state (keys, dtypes, counters) is the foreach path's, so a state dict moves between the two paths.
 
-Tensors the kernels do not take (sparse-momentum subsets, non-contiguous tensors) go through the foreach path in the
-same step. The fused path is used when triton can be imported, the configuration is supported and the parameters
-are CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1`` when ``fused=True`` is requested).
+Tensors the kernels do not take (sparse-momentum subsets, non-contiguous tensors, tensors not 16-byte aligned) go
+through the foreach path in the same step. The fused path is used when triton can be imported, the configuration is
+supported and the parameters are CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1`` when ``fused=True`` is
+requested).
 
 `AUTO_SELECT` is the one switch for ``fused=None``: off, the fused step runs only when asked for with ``fused=True``;
 on, it runs on CUDA whenever it applies. It is turned on once the CUDA tests and ``python -m optimizers.benchmark
@@ -62,6 +63,7 @@ __all__ = [
 
 BLOCK = 2048
 NUM_WARPS = 8
+ALIGN = 16  # bytes: the alignment the kernels assume of every tensor they take
 SCALAR_BLOCK = 128  # tensors per program of the per-tensor statistics kernels
 SCRATCH_ROWS = 5  # float32 per tensor: max |g|, sum of squares, AdaClip's T_hat and ratio, AdaGN's factor
 # Parameter dtypes the kernels take (others, e.g. float64, keep the foreach path: the kernels compute in float32).
@@ -235,8 +237,11 @@ def _scalar_grid(n: int) -> tuple[int]:
 
 
 def _kernel_takes(p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
-    return ("subset" not in state and g.dtype == p.dtype and g.shape == p.shape and p.is_contiguous()
-            and g.is_contiguous() and state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous())
+    """Dense contiguous tensors of one shape and dtype, 16-byte aligned (the kernels' vectorized accesses need it)."""
+    if "subset" in state or g.dtype != p.dtype or g.shape != p.shape:
+        return False
+    tensors = (p, g, state["exp_avg"], state["exp_avg_sq"])
+    return all(t.is_contiguous() and t.data_ptr() % ALIGN == 0 for t in tensors)
 
 
 def _split(b: Bucket) -> tuple[Bucket, Bucket]:

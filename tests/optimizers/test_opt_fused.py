@@ -236,3 +236,63 @@ def test_tensors_with_different_counters_match_foreach():
     assert {opt.state[p]["step"] for p in runs[1]} != {opt.state[runs[1][0]]["step"]}
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+# --- against the float64 models of the spec --------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("cls,kwargs", [
+    (SPAM, {"weight_decay": 0.1, "eps": 1e-6, "warmup_steps": 10, "threshold": 5000.0}),
+    (StableSPAM, {"weight_decay": 0.1, "total_steps": 60, "variant": "reference"}),
+    (StableSPAM, {"weight_decay": 0.0, "variant": "clean", "gamma1": 0.8, "gamma2": 0.95, "gamma3": 0.99}),
+], ids=["spam", "stable_spam", "stable_spam-clean"])
+def test_fused_float32_follows_the_float64_model(cls, kwargs):
+    """80 steps (three resets, spikes, zero gradients) in float32 on the fused path stay on the float64 model's
+    trajectory to float32 accuracy."""
+    from tests.optimizers.test_opt_reference_models import (
+        SpamModel,
+        StableSpamModel,
+        gradient_stream,
+        initial_params,
+    )
+
+    steps, seed = 80, 3
+    cfg = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "reset_interval": 25, **kwargs}
+    stream = gradient_stream(steps, seed)
+    params = [p.float().to(DEVICE).requires_grad_(True) for p in initial_params(seed)]
+    opt = cls(params, fused=True, **cfg)
+    if cls is SPAM:
+        model = SpamModel(initial_params(seed), **cfg)
+    else:
+        cfg = {"gamma1": 0.7, "gamma2": 0.9, "gamma3": 0.999, "total_steps": None, "eta_min": 0.5, **cfg}
+        model = StableSpamModel(initial_params(seed), **cfg)
+    for k, grads in enumerate(stream):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.float().to(DEVICE)
+        opt.step()
+        model.step(grads)
+        for got, want in zip(params, model.p, strict=True):
+            torch.testing.assert_close(got.detach().cpu().double(), want, rtol=1e-5, atol=1e-6, msg=f"step {k + 1}")
+    assert optimizers.resolved_hparams(opt)["kernel"] == "triton"
+
+
+@needs_triton
+def test_unaligned_tensors_take_the_foreach_path_in_the_same_step():
+    """A parameter that starts 4 bytes into its storage is not 16-byte aligned: foreach for it, fused for the rest."""
+    gen = torch.Generator().manual_seed(6)
+    storage = torch.randn(301, generator=gen)
+    grads = [[torch.randn(300, generator=gen), torch.randn(40, generator=gen)] for _ in range(6)]
+    runs = []
+    for flag in (True, False):
+        params = [storage.to(DEVICE, copy=True)[1:].requires_grad_(True),
+                  torch.ones(40, device=DEVICE, requires_grad=True)]
+        assert params[0].data_ptr() % fused.ALIGN != 0
+        opt = StableSPAM(params, reset_interval=4, fused=flag)
+        for gs in grads:
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g.to(DEVICE)
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
