@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -230,17 +231,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if dtype_name not in ("float32", "bfloat16"):
             parser.error(f"unknown dtype {dtype_name!r}; valid: float32, bfloat16")
     hparams = json.loads(args.hparams)
-    report: dict[str, Any] = {"device": str(device), "steps": args.steps, "warmup": args.warmup}
+    command = " ".join(["bench perf optimizers", *(sys.argv[1:] if argv is None else argv)])
+    report: dict[str, Any] = {"command": command, "device": str(device), "torch": torch.__version__,
+                              "steps": args.steps, "warmup": args.warmup}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     report["triton"] = triton_unavailable_reason() or "available"
+
+    def save() -> None:  # after every stage, so that a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+
     if args.check:
         report["check"] = check(device)
         log.info("check: %s", "all ok" if all(r["ok"] for r in report["check"]) else "FAILURES")
+        save()
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_GBps"] = bandwidth if bandwidth == bandwidth else None
     log.info("device-to-device copy bandwidth: %.0f GB/s (read + write)", bandwidth)
-    runs = []
+    runs: list[dict[str, Any]] = []
+    report["runs"] = runs
     for size in sizes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
@@ -262,10 +273,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 log.info("  %-24s %9.3f ms/step  %6.2fx  (min %.3f, max %.3f; floor %s ms; fused %s)", name, r["ms"],
                          r["ratio"], r["ms_min"], r["ms_max"], floor, r.get("fused_active", "-"))
             runs.append({"size": size, "dtype": dtype_name, "results": results})
-    report["runs"] = runs
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+            save()
     return report
 
 

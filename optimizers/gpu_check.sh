@@ -16,20 +16,20 @@ mkdir -p "$OUT"
   $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } > "$OUT/env.txt" 2>&1
 
 echo "== tests" >&2
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/optimizers/test_opt_fused.py tests/optimizers/test_opt_cuda.py \
+timeout 100 $PY -m pytest -q -p no:cacheprovider tests/optimizers/test_opt_fused.py tests/optimizers/test_opt_cuda.py \
     tests/tasks/llm_pretrain/test_llm_quant.py > "$OUT/tests.txt" 2>&1
 echo "tests exit code $?" >> "$OUT/tests.txt"
 tail -4 "$OUT/tests.txt" >&2
 
 echo "== optimizer step times" >&2
-timeout 130 $PY -m optimizers.benchmark --check --size 130m,350m,1b --dtype float32,bfloat16 --steps 30 --warmup 25 \
+timeout 100 $PY -m optimizers.benchmark --check --size 130m,350m,1b --dtype float32,bfloat16 --steps 30 --warmup 25 \
     --names torch_adamw_fused,spam_fused,stable_spam_fused,stable_spam_foreach --json "$OUT/optimizers.json" \
     > "$OUT/optimizers.txt" 2>&1
 echo "optimizer benchmark exit code $?" >&2
 
 echo "== training throughput" >&2
-timeout 230 $PY -m tasks.llm_pretrain.throughput --size 130m --variants compile,compile-int4,compile-fp4,anchor \
-    --steps 9 --log-every 3 --json "$OUT/train.json" > "$OUT/train.txt" 2>&1
+timeout 220 $PY -m tasks.llm_pretrain.throughput --size 130m --variants compile,compile-int4,anchor,compile-fp4 \
+    --steps 6 --log-every 2 --json "$OUT/train.json" > "$OUT/train.txt" 2>&1
 echo "training benchmark exit code $?" >&2
 
 $PY - "$OUT" <<'PYEOF'
