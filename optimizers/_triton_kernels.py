@@ -132,28 +132,32 @@ def adaclip_kernel(states, n_tensors, scratch, gamma3, w3, bc3, S: tl.constexpr,
 
 
 @triton.jit
-def _clip(g, t, n_tensors, scratch, ROUND: tl.constexpr):
-    t_hat = tl.load(scratch + 2 * n_tensors + t)
-    ratio = tl.load(scratch + 3 * n_tensors + t)
-    return tl.where(tl.abs(g) > t_hat, _rne(g * ratio, ROUND), g)
+def _clip(g, t, n_tensors, scratch, ROUND: tl.constexpr, ADACLIP: tl.constexpr):
+    """AdaClip with this step's T_hat and ratio (g unchanged without ADACLIP)."""
+    if ADACLIP:
+        t_hat = tl.load(scratch + 2 * n_tensors + t)
+        ratio = tl.load(scratch + 3 * n_tensors + t)
+        g = tl.where(tl.abs(g) > t_hat, _rne(g * ratio, ROUND), g)
+    return g
 
 
 @triton.jit
-def _clipped_sq(g_ptr, mask, t, n_tensors, scratch, ROUND: tl.constexpr, FULL: tl.constexpr):
-    g = _clip(_load(g_ptr, mask, FULL), t, n_tensors, scratch, ROUND)
+def _clipped_sq(g_ptr, mask, t, n_tensors, scratch, ROUND: tl.constexpr, ADACLIP: tl.constexpr, FULL: tl.constexpr):
+    g = _clip(_load(g_ptr, mask, FULL), t, n_tensors, scratch, ROUND, ADACLIP)
     return tl.sum(g * g, axis=0)
 
 
 @triton.jit
-def clipped_sq_kernel(grads, blocks, n_tensors, scratch, G: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
-    """scratch row 1 [t] += sum of squares of the AdaClip-clipped gradient over this block."""
+def clipped_sq_kernel(grads, blocks, n_tensors, scratch, G: tl.constexpr, ROUND: tl.constexpr, ADACLIP: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """scratch row 1 [t] += sum of squares of the (AdaClip-clipped, with ADACLIP) gradient over this block."""
     t, start, n = _block(blocks)
     offs = start + tl.arange(0, BLOCK)
     g_ptr = _ptr(grads, 0, 0, t, offs, G, BLOCK)
     if start + BLOCK <= n:
-        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, True)
+        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, ADACLIP, True)
     else:
-        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, False)
+        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, ADACLIP, False)
     tl.atomic_add(scratch + n_tensors + t, sq)
 
 
@@ -181,13 +185,14 @@ def adagn_kernel(states, n_tensors, scratch, gamma1, w1, gamma2, w2, bc1, bc2, e
 
 @triton.jit
 def _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
-                   bc2_sqrt, eps, ROUND: tl.constexpr, ZERO_BEFORE: tl.constexpr, ZERO_AFTER: tl.constexpr,
-                   FULL: tl.constexpr, BLOCK: tl.constexpr):
+                   bc2_sqrt, eps, ROUND: tl.constexpr, ADACLIP: tl.constexpr, ADAGN: tl.constexpr,
+                   ZERO_BEFORE: tl.constexpr, ZERO_AFTER: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
     g = _load(g_ptr, mask, FULL)
     p = _load(p_ptr, mask, FULL)
     m, v = _moments(m_ptr, v_ptr, mask, ZERO_BEFORE, FULL, BLOCK)
-    g = _clip(g, t, n_tensors, scratch, ROUND)
-    g = _rne(g * tl.load(scratch + 4 * n_tensors + t), ROUND)
+    g = _clip(g, t, n_tensors, scratch, ROUND, ADACLIP)
+    if ADAGN:
+        g = _rne(g * tl.load(scratch + 4 * n_tensors + t), ROUND)
     p = _rne(p * decay, ROUND)
     m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
     denom = _rne(_rne(tl.div_rn(_rne(tl.sqrt_rn(v), ROUND), bc2_sqrt), ROUND) + eps, ROUND)
@@ -202,10 +207,11 @@ def _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, t, n_tensors, scratch, deca
 
 @triton.jit
 def stable_kernel(states, grads, blocks, n_tensors, scratch, decay, w1, beta2, w2, step_size, bc2_sqrt, eps,
-                  P: tl.constexpr, S: tl.constexpr, ROUND: tl.constexpr, ZERO_BEFORE: tl.constexpr,
-                  ZERO_AFTER: tl.constexpr, BLOCK: tl.constexpr):
-    """AdaClip, AdaGN's scale, decoupled weight decay and Adam (torch form) on one block; moments zeroed before the
-    update (ZERO_BEFORE, moret mode "clean") or stored as zeros after it (ZERO_AFTER, mode "stable_spam")."""
+                  P: tl.constexpr, S: tl.constexpr, ROUND: tl.constexpr, ADACLIP: tl.constexpr, ADAGN: tl.constexpr,
+                  ZERO_BEFORE: tl.constexpr, ZERO_AFTER: tl.constexpr, BLOCK: tl.constexpr):
+    """AdaClip (ADACLIP), AdaGN's scale (ADAGN), decoupled weight decay and Adam (torch form) on one block; moments
+    zeroed before the update (ZERO_BEFORE, moret mode "clean") or stored as zeros after it (ZERO_AFTER, mode
+    "stable_spam")."""
     t, start, n = _block(blocks)
     offs = start + tl.arange(0, BLOCK)
     p_ptr = _ptr(states, 0, n_tensors, t, offs, P, BLOCK)
@@ -214,10 +220,10 @@ def stable_kernel(states, grads, blocks, n_tensors, scratch, decay, w1, beta2, w
     v_ptr = _ptr(states, 2, n_tensors, t, offs, S, BLOCK)
     if start + BLOCK <= n:
         _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
-                       bc2_sqrt, eps, ROUND, ZERO_BEFORE, ZERO_AFTER, True, BLOCK)
+                       bc2_sqrt, eps, ROUND, ADACLIP, ADAGN, ZERO_BEFORE, ZERO_AFTER, True, BLOCK)
     else:
         _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
-                       bc2_sqrt, eps, ROUND, ZERO_BEFORE, ZERO_AFTER, False, BLOCK)
+                       bc2_sqrt, eps, ROUND, ADACLIP, ADAGN, ZERO_BEFORE, ZERO_AFTER, False, BLOCK)
 
 
 # --- SPAM ------------------------------------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ Two update rules of `spike_aware.SpikeAwareAdam` have a fused step:
   (SPAM and the registry's ``adamw+moret+spikeclip`` with those settings). One launch per bucket reads p, g, m, v and
   writes p, m, v: moments zeroed on the reset step, spike clip against v before the update (only when the step
   context says clipping is active), Adam in SPAM's form with the warmup factor, then p <- p * (1 - lr * wd).
-- ``stable_spam``: components {adaclip, adagn} with optional moret (mode "stable_spam" or "clean"),
-  ``adam_form="torch"`` (StableSPAM, ``adamw+moret+adagn+adaclip`` and ``adam+...`` without weight decay). Five
-  launches per bucket: max |g| per tensor, AdaClip's thresholds, the norm of the clipped gradient per tensor, AdaGN's
-  moments and factors, and the update (clip, AdaGN scale, decoupled weight decay, Adam in torch form, moret).
+- ``stable_spam``: components within {moret, adaclip, adagn} (moret in mode "stable_spam" or "clean"),
+  ``adam_form="torch"`` (StableSPAM, its ablations ``adamw+moret+adagn+adaclip``, ``adamw+adaclip``, ``adamw+adagn``,
+  ``adamw+moret``..., and ``adam+...`` without weight decay). Up to five launches per bucket: max |g| per tensor and
+  AdaClip's thresholds (adaclip), the norm of the (clipped) gradient per tensor and AdaGN's moments and factors
+  (adagn), and the update (clip, AdaGN scale, decoupled weight decay, Adam in torch form, moret).
 
 The launch count does not grow with the number of tensors: every kernel covers all tensors of a bucket (one param
 group, one dtype, tensors whose counters agree) through a block table and tables of tensor addresses (`_Plan`, built
@@ -123,7 +124,7 @@ def config_kind(opt: SpikeAwareAdam) -> tuple[str | None, str | None]:
         if not opt.decoupled_weight_decay and any(g["weight_decay"] != 0 for g in opt.param_groups):
             return None, "the fused SPAM step needs decoupled weight decay (or weight_decay=0)"
         return "spam", None
-    if comps - {"moret"} == STABLE_COMPONENTS and opt.adam_form == "torch":
+    if comps - {"moret"} <= STABLE_COMPONENTS and opt.adam_form == "torch":
         if moret and cfg.moret_mode not in ("stable_spam", "clean"):
             return None, f"the fused Stable-SPAM step needs moret_mode 'stable_spam' or 'clean', not {cfg.moret_mode!r}"
         if cfg.warmup_steps:
@@ -135,7 +136,7 @@ def config_kind(opt: SpikeAwareAdam) -> tuple[str | None, str | None]:
         return "stable_spam", None
     names = "+".join(sorted(comps)) or "none"
     return None, (f"no fused step for components {names} with adam_form={opt.adam_form!r} (fused steps: "
-                  "moret+spikeclip with adam_form='spam', adaclip+adagn(+moret) with adam_form='torch')")
+                  "moret+spikeclip with adam_form='spam', any of moret, adaclip, adagn with adam_form='torch')")
 
 
 def torch_adam_fused(groups: list[dict[str, Any]]) -> bool:
@@ -210,8 +211,8 @@ def _plan(opt: SpikeAwareAdam, b: Bucket, stats: tuple[str, ...]) -> _Plan:
     """The cached tables of bucket `b` (rebuilt when a tensor or a state tensor changes), gradient pointers current."""
     device = b.params[0].device
     states = [p.data_ptr() for p in b.params]
-    for key in ("exp_avg", "exp_avg_sq", *stats):
-        states += [s[key].data_ptr() for s in b.states]
+    for key in ("exp_avg", "exp_avg_sq", *stats):  # a statistic the configuration lacks: 0 (never read)
+        states += [s[key].data_ptr() if key in s else 0 for s in b.states]
     numels = [p.numel() for p in b.params]
     key = (b.dtype, b.params[0].dtype, tuple(numels), tuple(states))
     plans: dict[tuple[Any, ...], _Plan] = opt.__dict__.setdefault("_fused_plans", {})
@@ -330,45 +331,55 @@ def _spam_bucket(opt: SpikeAwareAdam, b: Bucket, ctx: StepContext) -> None:
                                         CLIP=clip, ZERO=reset, BLOCK=BLOCK, num_warps=NUM_WARPS, **_dtypes(k, part))
 
 
+STATS: tuple[str, ...] = ("clip_threshold", "gn_mean", "gn_sq_mean")  # rows 3, 4, 5 of the state table
+
+
 def _stable_bucket(opt: SpikeAwareAdam, b: Bucket, ctx: StepContext) -> None:
     cfg = opt.pipeline
     reset = ctx.reset and cfg.has("moret")
+    stats = cfg.has("adaclip") or cfg.has("adagn")
     # Counters as `ComponentOptimizer._transform` and `SpikeAwareAdam._update` move them.
     for state in b.states:
-        state["stat_step"] += 1
+        if stats:
+            state["stat_step"] += 1
         state["step"] = 1 if reset else state["step"] + 1
-    for (c, t), part in _by_counters(b, ("stat_step", "step")):
-        _stable_part(opt, part, ctx, c, t, reset)
-    if reset and cfg.moret_mode == "stable_spam":
+    for counters, part in _by_counters(b, ("stat_step", "step") if stats else ("step",)):
+        _stable_part(opt, part, ctx, counters[0], counters[-1], reset)
+    if stats and reset and cfg.moret_mode == "stable_spam":
         for state in b.states:
             state["stat_step"] = 1
 
 
 def _stable_part(opt: SpikeAwareAdam, b: Bucket, ctx: StepContext, c: int, t: int, reset: bool) -> None:
-    """Five launches for all tensors of `b` (statistics counter c, Adam counter t): max |g|, AdaClip's thresholds,
-    the norm of the clipped gradient, AdaGN's moments and factors, the update."""
+    """Up to five launches for all tensors of `b` (statistics counter c, Adam counter t): max |g| and AdaClip's
+    thresholds (with adaclip), the norm of the (clipped) gradient and AdaGN's moments and factors (with adagn), the
+    update."""
     k = _get_kernels()
+    cfg = opt.pipeline
     group = b.group
-    plan = _plan(opt, b, ("clip_threshold", "gn_mean", "gn_sq_mean"))
+    plan = _plan(opt, b, STATS)
     n = plan.n_tensors
     types = _dtypes(k, b)
     grid = (plan.n_blocks,)
-    plan.scratch[: 2 * n].zero_()
-    k.absmax_kernel[grid](plan.grads, plan.blocks, plan.scratch.view(torch.int32), G=types["P"], BLOCK=BLOCK,
-                          num_warps=NUM_WARPS)
-    gamma3 = group["gamma3"]
-    k.adaclip_kernel[_scalar_grid(n)](plan.states, n, plan.scratch, gamma3, _added(1.0 - gamma3, b),
-                                      1.0 - gamma3**c, S=types["S"], ROUND=types["ROUND"], SBLOCK=SCALAR_BLOCK)
-    k.clipped_sq_kernel[grid](plan.grads, plan.blocks, n, plan.scratch, G=types["P"], ROUND=types["ROUND"],
-                              BLOCK=BLOCK, num_warps=NUM_WARPS)
-    gamma1 = group["gamma1"] * ctx.schedule
-    gamma2 = group["gamma2"]
+    flags = {"ADACLIP": cfg.has("adaclip"), "ADAGN": cfg.has("adagn")}
     eps = float(group["eps"])
-    k.adagn_kernel[_scalar_grid(n)](plan.states, n, plan.scratch, gamma1, _added(1.0 - gamma1, b), gamma2,
-                                    _added(1.0 - gamma2, b), 1.0 - gamma1**c, 1.0 - gamma2**c, _added(eps, b),
-                                    S=types["S"], ROUND=types["ROUND"], SBLOCK=SCALAR_BLOCK)
+    if flags["ADACLIP"] or flags["ADAGN"]:
+        plan.scratch[: 2 * n].zero_()
+    if flags["ADACLIP"]:
+        k.absmax_kernel[grid](plan.grads, plan.blocks, plan.scratch.view(torch.int32), G=types["P"], BLOCK=BLOCK,
+                              num_warps=NUM_WARPS)
+        gamma3 = group["gamma3"]
+        k.adaclip_kernel[_scalar_grid(n)](plan.states, n, plan.scratch, gamma3, _added(1.0 - gamma3, b),
+                                          1.0 - gamma3**c, S=types["S"], ROUND=types["ROUND"], SBLOCK=SCALAR_BLOCK)
+    if flags["ADAGN"]:
+        k.clipped_sq_kernel[grid](plan.grads, plan.blocks, n, plan.scratch, G=types["P"], ROUND=types["ROUND"],
+                                  ADACLIP=flags["ADACLIP"], BLOCK=BLOCK, num_warps=NUM_WARPS)
+        gamma1 = group["gamma1"] * ctx.schedule
+        gamma2 = group["gamma2"]
+        k.adagn_kernel[_scalar_grid(n)](plan.states, n, plan.scratch, gamma1, _added(1.0 - gamma1, b), gamma2,
+                                        _added(1.0 - gamma2, b), 1.0 - gamma1**c, 1.0 - gamma2**c, _added(eps, b),
+                                        S=types["S"], ROUND=types["ROUND"], SBLOCK=SCALAR_BLOCK)
     # Adam (torch form) with decoupled weight decay before the update; moret as `SpikeAwareAdam._update` does it.
-    cfg = opt.pipeline
     lr = float(group["lr"])
     beta1, beta2 = group["betas"]
     beta1 = beta1 * ctx.schedule
@@ -380,7 +391,7 @@ def _stable_part(opt: SpikeAwareAdam, b: Bucket, ctx: StepContext, c: int, t: in
                           1.0 - beta2, step_size, (1.0 - beta2**t) ** 0.5, _added(eps, b),
                           ZERO_BEFORE=reset and cfg.moret_mode == "clean",
                           ZERO_AFTER=reset and cfg.moret_mode == "stable_spam", BLOCK=BLOCK, num_warps=NUM_WARPS,
-                          **types)
+                          **flags, **types)
 
 
 # --- checking the fused path against the foreach path -----------------------------------------------------------------

@@ -30,6 +30,8 @@ CASES = [
     ("stable_spam", {"reset_interval": 20, "total_steps": 40, "weight_decay": 0.1}),
     ("stable_spam", {"reset_interval": 20, "variant": "clean"}),
     ("adam+moret+adagn+adaclip", {"reset_interval": 20}),
+    ("adamw+moret+adaclip", {"reset_interval": 20, "weight_decay": 0.1}),
+    ("adamw+adagn", {"weight_decay": 0.1}),
 ]
 
 
@@ -145,7 +147,8 @@ def test_supported_configurations_are_recognised():
     assert fused.config_kind(StableSPAM(_params(), variant="clean"))[0] == "stable_spam"
     composite = optimizers.build("adamw+moret+spikeclip", _params(), adam_form="spam", moret_mode="spam")
     assert fused.config_kind(composite)[0] == "spam"
-    assert fused.config_kind(optimizers.build("adam+moret+adagn+adaclip", _params()))[0] == "stable_spam"
+    for name in ("adam+moret+adagn+adaclip", "adamw+adaclip", "adamw+moret+adagn", "adamw+moret"):
+        assert fused.config_kind(optimizers.build(name, _params()))[0] == "stable_spam"
 
 
 def test_invalid_fused_value():
@@ -203,14 +206,15 @@ class _Counting:
 
 
 @needs_triton
-@pytest.mark.parametrize("cls,launches", [(SPAM, 1), (StableSPAM, 5)])
-def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch, cls, launches):
+@pytest.mark.parametrize("name,launches", [("spam", 1), ("stable_spam", 5), ("adamw+adaclip", 3), ("adamw+adagn", 3),
+                                           ("adamw+moret", 1)])
+def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch, name, launches):
     counts = []
     for n_tensors in (2, 9):
         counting = _Counting(importlib.import_module("optimizers._triton_kernels"))
         monkeypatch.setattr(fused, "_kernels", counting)
         params = [torch.randn(5 + i, device=DEVICE, requires_grad=True) for i in range(n_tensors)]
-        opt = cls(params, fused=True)
+        opt = optimizers.build(name, params, fused=True)
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
