@@ -296,20 +296,24 @@ def ui(
     os.execvpe(cmd[0], cmd, env)  # the server takes this process's place, so signals reach it directly
 
 
-class Perf(str, Enum):
-    optimizers = "optimizers"
-    train = "train"
-
-
+PERF = ("optimizers", "train")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-@app.command(context_settings=PASS_THROUGH)
-def perf(ctx: typer.Context, what: Annotated[Perf, typer.Argument(help="what to time")]) -> None:
+# Typer's own --help is off here so that `bench perf NAME --help` reaches the benchmark's option parser.
+@app.command(context_settings={**PASS_THROUGH, "help_option_names": []})
+def perf(ctx: typer.Context,
+         what: Annotated[str | None, typer.Argument(help="what to time", metavar="optimizers|train")] = None) -> None:
     """Benchmarks: `optimizers` (one step on LLaMA parameter sets) or `train` (tokens/s and MFU of llm_pretrain).
-    Further options go to the benchmark: see `python -m optimizers.benchmark --help` and
-    `python -m tasks.llm_pretrain.throughput --help`."""
-    if what is Perf.optimizers:
+    Further options go to the benchmark; `bench perf optimizers --help` and `bench perf train --help` list them."""
+    if what in (None, "--help", "-h"):
+        console.print(ctx.get_help())
+        if what is None:
+            raise UserError("name the benchmark: bench perf optimizers|train OPTIONS")
+        return
+    if what not in PERF:
+        raise UserError(f"unknown benchmark {what!r}; valid: {', '.join(PERF)}")
+    if what == "optimizers":
         from optimizers.benchmark import main as bench_main
     else:
         from tasks.llm_pretrain.throughput import main as bench_main

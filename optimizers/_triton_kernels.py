@@ -1,91 +1,267 @@
 """Triton kernels of the fused SPAM and Stable-SPAM steps (imported only by `fused`, and only when triton is).
 
-Every kernel works on one contiguous tensor, in blocks of BLOCK entries, and computes in float32 whatever the storage
-dtype; the math is that of `functional.py` (see `fused` for how the steps use the kernels).
+Every kernel is multi-tensor: one launch covers all tensors of a bucket. A program handles BLOCK entries of one tensor,
+found through a block table (int64 rows: tensor index, first entry, tensor length), and reaches the tensor through
+pointer tables (int64 addresses, one row per role: parameter, moments, per-tensor statistics; gradients separately).
+Addresses are 16-byte aligned and blocks start at multiples of BLOCK, and a block that lies inside its tensor takes
+the unmasked branch, so that loads and stores are vectorized; only a tensor's last block is masked.
+Per-tensor reductions (max |g|, the norm of the clipped gradient) are atomics into a float32 scratch buffer. The
+kernels compute in float32; with ROUND (a bfloat16 compute dtype) every operation is rounded to bfloat16 where the
+foreach path of `functional.py` rounds it, so both paths agree to the last bit up to float32 ties.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["clipped_sq_norm_kernel", "spam_kernel", "stable_kernel"]
+__all__ = ["TL_DTYPES", "absmax_kernel", "adaclip_kernel", "adagn_kernel", "clipped_sq_kernel", "spam_kernel",
+           "stable_kernel"]
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def _store(ptrs, x, mask):
-    # float32 -> bfloat16 rounded to nearest even by hand, so that every backend (the interpreter too) agrees.
-    if ptrs.dtype.element_ty == tl.bfloat16:
+def _rne(x, ROUND: tl.constexpr):
+    """x rounded to bfloat16 precision (kept as float32) when ROUND, to nearest even, by hand so that every backend
+    (the interpreter too) agrees."""
+    if ROUND:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    return x
 
 
 @triton.jit
-def _load_moments(m_ptr, v_ptr, offs, mask, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+def _block(blocks):
+    """(tensor index, first entry, tensor length) of this program's block."""
+    row = blocks + 3 * tl.program_id(0).to(tl.int64)
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2)
+
+
+@triton.jit
+def _ptr(table, row, n_tensors, t, offs, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The addresses of entries `offs` (a block) of tensor t in row `row` of a pointer table; tensors are 16-byte
+    aligned (`fused` sends only such tensors) and blocks start at multiples of BLOCK, which the hints say."""
+    base = tl.load(table + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+    return tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
+
+
+@triton.jit
+def _load(ptrs, mask, FULL: tl.constexpr):
+    """float32 values; FULL (a block inside its tensor) loads without a mask, so that the loads are vectorized."""
+    if FULL:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptrs, x, mask, FULL: tl.constexpr):
+    x = _rne(x, ptrs.dtype.element_ty == tl.bfloat16)
+    if FULL:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty))
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moments(m_ptr, v_ptr, mask, ZERO: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """The moments in float32: zeros on a reset step (ZERO), else loaded."""
     if ZERO:
         m = tl.zeros([BLOCK], dtype=tl.float32)
         v = tl.zeros([BLOCK], dtype=tl.float32)
     else:
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = _load(m_ptr, mask, FULL)
+        v = _load(v_ptr, mask, FULL)
     return m, v
 
 
 @triton.jit
-def spam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, w1, beta2, w2, eps, step_size, decay, threshold,
-                CLIP: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m, v = _load_moments(m_ptr, v_ptr, offs, mask, ZERO, BLOCK)
+def _adam_moments(m, v, g, w1, beta2, w2, ROUND: tl.constexpr):
+    # m <- lerp(m, g, w1) and v <- beta2 * v + w2 * g^2 as torch computes them (w1 = 1 - beta1, w2 = 1 - beta2).
+    m = _rne(tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1)), ROUND)
+    v = _rne(_rne(v * beta2, ROUND) + w2 * g * g, ROUND)
+    return m, v
+
+
+@triton.jit
+def _positive_or_one(x):
+    return tl.where(x > 0, x, tl.where(x == 0, 1.0, x))
+
+
+# --- Stable-SPAM -----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _absmax(g_ptr, mask, FULL: tl.constexpr):
+    return tl.max(tl.abs(_load(g_ptr, mask, FULL)), axis=0)
+
+
+@triton.jit
+def absmax_kernel(grads, blocks, peak_bits, G: tl.constexpr, BLOCK: tl.constexpr):
+    """peak_bits[t] <- max(peak_bits[t], bits of max |g| over this block) (int32 order is float order for x >= 0)."""
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, G, BLOCK)
+    if start + BLOCK <= n:
+        peak = _absmax(g_ptr, offs < n, True)
+    else:
+        peak = _absmax(g_ptr, offs < n, False)
+    tl.atomic_max(peak_bits + t, peak.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def adaclip_kernel(states, n_tensors, scratch, gamma3, w3, bc3, S: tl.constexpr, ROUND: tl.constexpr,
+                   SBLOCK: tl.constexpr):
+    """Per tensor: T <- gamma3 T + (1 - gamma3) M; T_hat = T / bc3; ratio = min(T_hat, M) / (M or 1), as
+    `functional.adaclip_` (scratch rows: 0 M, 2 T_hat, 3 ratio)."""
+    i = tl.program_id(0) * SBLOCK + tl.arange(0, SBLOCK)
+    mask = i < n_tensors
+    peak = tl.load(scratch + i, mask=mask, other=0.0)
+    thr_ptr = tl.load(states + 3 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
+    thr = _load(thr_ptr, mask, False)
+    thr = _rne(_rne(thr * gamma3, ROUND) + w3 * peak, ROUND)
+    t_hat = _rne(tl.div_rn(thr, bc3), ROUND)
+    ratio = _rne(tl.div_rn(tl.minimum(t_hat, peak), _positive_or_one(peak)), ROUND)
+    _store(thr_ptr, thr, mask, False)
+    tl.store(scratch + 2 * n_tensors + i, t_hat, mask=mask)
+    tl.store(scratch + 3 * n_tensors + i, ratio, mask=mask)
+
+
+@triton.jit
+def _clip(g, t, n_tensors, scratch, ROUND: tl.constexpr, ADACLIP: tl.constexpr):
+    """AdaClip with this step's T_hat and ratio (g unchanged without ADACLIP)."""
+    if ADACLIP:
+        t_hat = tl.load(scratch + 2 * n_tensors + t)
+        ratio = tl.load(scratch + 3 * n_tensors + t)
+        g = tl.where(tl.abs(g) > t_hat, _rne(g * ratio, ROUND), g)
+    return g
+
+
+@triton.jit
+def _clipped_sq(g_ptr, mask, t, n_tensors, scratch, ROUND: tl.constexpr, ADACLIP: tl.constexpr, FULL: tl.constexpr):
+    g = _clip(_load(g_ptr, mask, FULL), t, n_tensors, scratch, ROUND, ADACLIP)
+    return tl.sum(g * g, axis=0)
+
+
+@triton.jit
+def clipped_sq_kernel(grads, blocks, n_tensors, scratch, G: tl.constexpr, ROUND: tl.constexpr, ADACLIP: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """scratch row 1 [t] += sum of squares of the (AdaClip-clipped, with ADACLIP) gradient over this block."""
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, G, BLOCK)
+    if start + BLOCK <= n:
+        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, ADACLIP, True)
+    else:
+        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, ADACLIP, False)
+    tl.atomic_add(scratch + n_tensors + t, sq)
+
+
+@triton.jit
+def adagn_kernel(states, n_tensors, scratch, gamma1, w1, gamma2, w2, bc1, bc2, eps, S: tl.constexpr,
+                 ROUND: tl.constexpr, SBLOCK: tl.constexpr):
+    """Per tensor: n = ||g||; mu, nu updated; factor = mu_hat / (sqrt(nu_hat) + eps) / (n or 1), as
+    `functional.adagn_` (scratch rows: 1 sum of squares in, 4 factor out)."""
+    i = tl.program_id(0) * SBLOCK + tl.arange(0, SBLOCK)
+    mask = i < n_tensors
+    norm = _rne(tl.sqrt_rn(tl.load(scratch + n_tensors + i, mask=mask, other=0.0)), ROUND)
+    mu_ptr = tl.load(states + 4 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
+    nu_ptr = tl.load(states + 5 * n_tensors + i, mask=mask, other=0).to(tl.pointer_type(S))
+    mu = _load(mu_ptr, mask, False)
+    nu = _load(nu_ptr, mask, False)
+    mu = _rne(_rne(mu * gamma1, ROUND) + w1 * norm, ROUND)
+    nu = _rne(_rne(nu * gamma2, ROUND) + w2 * _rne(norm * norm, ROUND), ROUND)
+    mu_hat = _rne(tl.div_rn(mu, bc1), ROUND)
+    denom = _rne(_rne(tl.sqrt_rn(_rne(tl.div_rn(nu, bc2), ROUND)), ROUND) + eps, ROUND)
+    factor = _rne(tl.div_rn(_rne(tl.div_rn(mu_hat, denom), ROUND), _positive_or_one(norm)), ROUND)
+    _store(mu_ptr, mu, mask, False)
+    _store(nu_ptr, nu, mask, False)
+    tl.store(scratch + 4 * n_tensors + i, factor, mask=mask)
+
+
+@triton.jit
+def _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
+                   bc2_sqrt, eps, ROUND: tl.constexpr, ADACLIP: tl.constexpr, ADAGN: tl.constexpr,
+                   ZERO_BEFORE: tl.constexpr, ZERO_AFTER: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    g = _load(g_ptr, mask, FULL)
+    p = _load(p_ptr, mask, FULL)
+    m, v = _moments(m_ptr, v_ptr, mask, ZERO_BEFORE, FULL, BLOCK)
+    g = _clip(g, t, n_tensors, scratch, ROUND, ADACLIP)
+    if ADAGN:
+        g = _rne(g * tl.load(scratch + 4 * n_tensors + t), ROUND)
+    p = _rne(p * decay, ROUND)
+    m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
+    denom = _rne(_rne(tl.div_rn(_rne(tl.sqrt_rn(v), ROUND), bc2_sqrt), ROUND) + eps, ROUND)
+    p = p + step_size * tl.div_rn(m, denom)
+    _store(p_ptr, p, mask, FULL)
+    if ZERO_AFTER:
+        m = tl.zeros([BLOCK], dtype=tl.float32)
+        v = tl.zeros([BLOCK], dtype=tl.float32)
+    _store(m_ptr, m, mask, FULL)
+    _store(v_ptr, v, mask, FULL)
+
+
+@triton.jit
+def stable_kernel(states, grads, blocks, n_tensors, scratch, decay, w1, beta2, w2, step_size, bc2_sqrt, eps,
+                  P: tl.constexpr, S: tl.constexpr, ROUND: tl.constexpr, ADACLIP: tl.constexpr, ADAGN: tl.constexpr,
+                  ZERO_BEFORE: tl.constexpr, ZERO_AFTER: tl.constexpr, BLOCK: tl.constexpr):
+    """AdaClip (ADACLIP), AdaGN's scale (ADAGN), decoupled weight decay and Adam (torch form) on one block; moments
+    zeroed before the update (ZERO_BEFORE, moret mode "clean") or stored as zeros after it (ZERO_AFTER, mode
+    "stable_spam")."""
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _ptr(states, 0, n_tensors, t, offs, P, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, P, BLOCK)
+    m_ptr = _ptr(states, 1, n_tensors, t, offs, S, BLOCK)
+    v_ptr = _ptr(states, 2, n_tensors, t, offs, S, BLOCK)
+    if start + BLOCK <= n:
+        _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
+                       bc2_sqrt, eps, ROUND, ADACLIP, ADAGN, ZERO_BEFORE, ZERO_AFTER, True, BLOCK)
+    else:
+        _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, t, n_tensors, scratch, decay, w1, beta2, w2, step_size,
+                       bc2_sqrt, eps, ROUND, ADACLIP, ADAGN, ZERO_BEFORE, ZERO_AFTER, False, BLOCK)
+
+
+# --- SPAM ------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, w1, beta2, w2, eps, step_size, decay, threshold,
+                 ROUND: tl.constexpr, CLIP: tl.constexpr, ZERO: tl.constexpr, FULL: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    g = _load(g_ptr, mask, FULL)
+    p = _load(p_ptr, mask, FULL)
+    m, v = _moments(m_ptr, v_ptr, mask, ZERO, FULL, BLOCK)
     if CLIP:
-        bound = tl.sqrt_rn(v * threshold)
+        bound = _rne(tl.sqrt_rn(_rne(v * threshold, ROUND)), ROUND)
         g = tl.maximum(tl.minimum(g, bound), -bound)
-    # m <- lerp(m, g, w1) and v <- beta2 * v + w2 * g^2 as torch computes them (w1 = 1 - beta1, w2 = 1 - beta2).
-    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
-    v = v * beta2 + w2 * g * g
-    denom = tl.sqrt_rn(v) + eps
-    p = p + step_size * tl.div_rn(m, denom)
-    p = p * decay
-    _store(p_ptr + offs, p, mask)
-    _store(m_ptr + offs, m, mask)
-    _store(v_ptr + offs, v, mask)
+    m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
+    denom = _rne(_rne(tl.sqrt_rn(v), ROUND) + eps, ROUND)
+    p = _rne(p + step_size * tl.div_rn(m, denom), ROUND)
+    _store(p_ptr, p * decay, mask, FULL)
+    _store(m_ptr, m, mask, FULL)
+    _store(v_ptr, v, mask, FULL)
 
 
 @triton.jit
-def clipped_sq_norm_kernel(g_ptr, n, t_hat_ptr, ratio_ptr, out_ptr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t_hat = tl.load(t_hat_ptr).to(tl.float32)
-    ratio = tl.load(ratio_ptr).to(tl.float32)
-    g = tl.where(tl.abs(g) > t_hat, g * ratio, g)
-    tl.atomic_add(out_ptr, tl.sum(g * g, axis=0))
-
-
-@triton.jit
-def stable_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, t_hat_ptr, ratio_ptr, factor_ptr, decay, w1, beta2, w2,
-                  step_size, bc2_sqrt, eps, ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m, v = _load_moments(m_ptr, v_ptr, offs, mask, ZERO, BLOCK)
-    t_hat = tl.load(t_hat_ptr).to(tl.float32)
-    ratio = tl.load(ratio_ptr).to(tl.float32)
-    factor = tl.load(factor_ptr).to(tl.float32)
-    g = tl.where(tl.abs(g) > t_hat, g * ratio, g)
-    g = g * factor
-    p = p * decay
-    # m <- lerp(m, g, w1) and v <- beta2 * v + w2 * g^2 as torch computes them (w1 = 1 - beta1, w2 = 1 - beta2).
-    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
-    v = v * beta2 + w2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p + step_size * tl.div_rn(m, denom)
-    _store(p_ptr + offs, p, mask)
-    _store(m_ptr + offs, m, mask)
-    _store(v_ptr + offs, v, mask)
+def spam_kernel(states, grads, blocks, n_tensors, w1, beta2, w2, eps, step_size, decay, threshold,
+                P: tl.constexpr, S: tl.constexpr, ROUND: tl.constexpr, CLIP: tl.constexpr, ZERO: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """SPAM on one block: moments zeroed on the reset step (ZERO), spike clip against v (CLIP), Adam in SPAM's form,
+    then decoupled weight decay."""
+    t, start, n = _block(blocks)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _ptr(states, 0, n_tensors, t, offs, P, BLOCK)
+    g_ptr = _ptr(grads, 0, 0, t, offs, P, BLOCK)
+    m_ptr = _ptr(states, 1, n_tensors, t, offs, S, BLOCK)
+    v_ptr = _ptr(states, 2, n_tensors, t, offs, S, BLOCK)
+    if start + BLOCK <= n:
+        _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, w1, beta2, w2, eps, step_size, decay, threshold, ROUND,
+                     CLIP, ZERO, True, BLOCK)
+    else:
+        _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, offs < n, w1, beta2, w2, eps, step_size, decay, threshold, ROUND,
+                     CLIP, ZERO, False, BLOCK)

@@ -4,7 +4,8 @@ Every entry names the package and class it builds, its default hyperparameters (
 give one), how it is built (from parameter groups or from the model), where its state keeps what ``moret`` resets,
 and how to read its hyperparameters back. Packages are imported only when an optimizer is built.
 
-- ``adam``, ``adamw``, ``sgd``: torch.optim (SGD with momentum 0.9).
+- ``adam``, ``adamw``, ``sgd``: torch.optim (SGD with momentum 0.9); adam and adamw take torch's fused kernel on CUDA
+  when `fused.AUTO_SELECT` is on (`fused.torch_adam_fused`).
 - ``adafactor``: transformers' Adafactor as configured in the papers: eps (1e-30, 1e-3), clip_threshold 1.0,
   decay_rate -0.8, beta1 0.9, an external learning rate (relative_step=False, scale_parameter=False,
   warmup_init=False).
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from .compose import BaseStateLayout
+from .fused import torch_adam_fused
 
 __all__ = ["BASELINES", "Baseline", "ParamInput", "package_version"]
 
@@ -106,6 +108,8 @@ class Baseline:
 def _torch_factory(cls_name: str) -> Callable[[ParamInput, dict[str, Any]], torch.optim.Optimizer]:
     def build(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
         cls = getattr(torch.optim, cls_name)
+        if cls_name in ("Adam", "AdamW") and torch_adam_fused(inp.groups):
+            hp = {**hp, "fused": True}
         return cls(inp.groups, **hp)
 
     return build

@@ -39,6 +39,7 @@ from torch import nn
 
 from .baselines import BASELINES, GALORE_KEYS, Baseline, ParamInput
 from .compose import ADAPTIVE_OFF, COMPONENTS, ComponentOptimizer, ComponentWrapper, Pipeline
+from .fused import kernel_name
 from .spam import SPAM
 from .spike_aware import SpikeAwareAdam
 from .stable_spam import StableSPAM
@@ -577,5 +578,6 @@ def resolved_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
         if off:
             out["adaptive_off_groups"] = off
         out["base_class"] = f"{type(inner).__module__}.{type(inner).__qualname__}"
+    out["kernel"] = kernel_name(inner)
     out["param_groups"] = len(opt.param_groups)
     return out

@@ -122,18 +122,31 @@ def grid_fn(fmt: QuantFormat, bits: int) -> Callable[[torch.Tensor], torch.Tenso
     raise ValueError(f"no symmetric grid for quant format {fmt!r}")
 
 
+def largest_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` largest entries of each row of `a`: k rounds of argmax, which keep shapes static (no
+    topk, gather or scatter), so that torch.compile fuses the whole quantizer. Among equal entries the first is taken,
+    where topk may take another; the quantized group is the same either way (an equal entry left behind is the new
+    absmax, which every grid represents exactly)."""
+    cols = torch.arange(a.shape[-1], device=a.device)
+    keep = torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+    for _ in range(k):
+        hit = cols == a.masked_fill(keep, -1.0).argmax(dim=-1, keepdim=True)
+        keep = keep | hit
+    return keep
+
+
 def quantize_absmax(x: torch.Tensor, fmt: QuantFormat, group_size: int, topk: int = 2, bits: int = 4) -> torch.Tensor:
     """Symmetric absmax fake quantization per group; the `topk` largest magnitudes of a group are kept exact."""
     g, n_pad = _grouped(x.float(), group_size, pad="zeros")
+    magnitude = g.abs()
     k = min(topk, group_size)
-    if k > 0:
-        idx = g.abs().topk(k, dim=1).indices
-        kept = g.gather(1, idx)
-        g = g.scatter(1, idx, 0.0)
-    scale = g.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
+    keep = largest_mask(magnitude, k) if k > 0 else None
+    if keep is not None:
+        magnitude = magnitude.masked_fill(keep, 0.0)
+    scale = magnitude.amax(dim=1, keepdim=True).clamp(min=1e-6)
     q = grid_fn(fmt, bits)(g / scale) * scale
-    if k > 0:
-        q = q.scatter(1, idx, kept)
+    if keep is not None:
+        q = torch.where(keep, g, q)
     return _ungrouped(q, x.shape, n_pad).to(x.dtype)
 
 

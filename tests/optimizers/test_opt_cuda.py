@@ -77,3 +77,13 @@ def test_spike_monitor_on_cuda_without_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert monitor.summary()["spikes/total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,hp", [CASES[0], CASES[1], CASES[2],
+                                     ("stable_spam", {"state_dtype": "float32", "reset_interval": 25})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_step_has_no_host_sync(name, hp, dtype):
+    """New gradient tensors every step: their address table goes to the device without a sync."""
+    params, opt = run(name, {**hp, "fused": True}, "cuda", dtype, steps=70, sync_check=True)
+    assert optimizers.resolved_hparams(opt)["kernel"] == "triton"
+    assert all(torch.isfinite(p.float()).all() for p in params)

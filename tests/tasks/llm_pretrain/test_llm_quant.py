@@ -164,3 +164,38 @@ def test_patched_llama_has_seven_quantized_projections_per_block() -> None:
     assert sum(p.numel() for p in model.parameters()) == n_params
     logits = model(input_ids=torch.randint(0, 256, (2, 16))).logits
     assert logits.shape == (2, 16, 256) and torch.isfinite(logits).all()
+
+
+def topk_absmax(x: torch.Tensor, fmt: str, group_size: int, topk: int, bits: int) -> torch.Tensor:
+    """The absmax quantizer written with topk, gather and scatter (its first form), as a reference for the
+    compile-friendly one."""
+    from tasks.llm_pretrain.quant import grid_fn
+
+    g = x.float().reshape(-1, group_size)
+    idx = g.abs().topk(topk, dim=1).indices
+    kept = g.gather(1, idx)
+    g = g.scatter(1, idx, 0.0)
+    scale = g.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
+    q = grid_fn(fmt, bits)(g / scale) * scale  # type: ignore[arg-type]
+    return q.scatter(1, idx, kept).reshape(x.shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absmax_equals_the_topk_form_bit_for_bit(fmt: str, dtype: torch.dtype) -> None:
+    x = heavy_tailed(4, 8, 512, seed=10).to(dtype)
+    ties = x.reshape(-1, 64)[:8]  # groups of 64 with tied magnitudes, of both signs, at the top and below it
+    ties[:, :4] = torch.tensor([3.0, -3.0, 3.0, -2.0], dtype=dtype)
+    ties[4:, :] = 1.0
+    bits = 8 if fmt == "int8" else 4
+    for group_size, topk in ((256, 2), (64, 2), (64, 3), (64, 0)):
+        got = quantize_absmax(x, fmt, group_size, topk=topk, bits=bits)  # type: ignore[arg-type]
+        assert torch.equal(got, topk_absmax(x, fmt, group_size, topk, bits))
+
+
+def test_quantizers_compile_without_graph_breaks() -> None:
+    spec = QuantSpec("int4", 64)
+    x = heavy_tailed(2, 3, 128, seed=11)
+    explanation = torch._dynamo.explain(quantize_activation)(x, spec)
+    assert explanation.graph_break_count == 0
+    assert torch._dynamo.explain(quantize_weight)(x[0], spec).graph_break_count == 0

@@ -29,3 +29,20 @@ def test_unknown_variant_is_refused():
     with pytest.raises(SystemExit) as info:
         main([*TINY, "--variants", "turbo"])
     assert info.value.code == 2
+
+
+def test_anchor_recipe_runs_beside_the_harness(capsys):
+    rows = main([*TINY, "--variants", "eager,anchor", "--peak-tflops", "1"])
+    assert [r["variant"] for r in rows] == ["eager", "anchor"]
+    anchor = rows[1]
+    assert anchor["tokens_per_sec"] > 0 and len(anchor["windows"]) == 6 and anchor["data_source"] == "random"
+    assert anchor["flops_per_token"] == rows[0]["flops_per_token"]  # the same model shape, the same FLOP count
+    assert "| tiny | anchor | 4 |" in capsys.readouterr().out
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--variants" in out and "anchor" in out and "compile-int4" in out
