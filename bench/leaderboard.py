@@ -30,6 +30,7 @@ class Cell:
     values: list[float] = field(default_factory=list)
     diverged: int = 0
     missing: int = 0
+    failed: int = 0  # trials that ended in an error (counted in `missing` too)
     summary: str = "mean"
 
     @property
@@ -60,7 +61,7 @@ class Cell:
             return "diverged" + (f" ({self.diverged}/{self.seeds})" if self.seeds > 1 else "")
         center = self.center()
         if center is None:
-            return "—" if not self.missing else "pending"
+            return "failed" if self.failed else "—" if not self.missing else "pending"
         note = f" ({self.diverged}/{self.seeds} diverged)" if self.diverged else ""
         return f"{_fmt(center)}{self.spread()}{note}"
 
@@ -158,6 +159,7 @@ def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
                 cell.values.append(value)
             else:
                 cell.missing += 1
+                cell.failed += status == "failed"
         paper = {}
         for row, cols in (reference.get(name, {}).get("results") or {}).items():
             for col, value in cols.items():
