@@ -111,6 +111,8 @@ def _report_outcome(summary: Any, specs: list[Any]) -> int:
     labels = {s.key(): s.label() for s in specs}
     for key, step in summary.resumed.items():
         console.print(f"resumed {labels[key]} from step {step}", highlight=False, markup=False)
+    for key, message in summary.set_aside.items():
+        err.print(f"warning: {labels[key]}: {message}", highlight=False, markup=False)
     counts: dict[str, int] = {}
     for s in summary.statuses.values():
         counts[s] = counts.get(s, 0) + 1

@@ -24,6 +24,8 @@ from tasks.base import LocalContext, check_finite
 
 log = logging.getLogger(__name__)
 CHECKPOINT_STEP = "checkpoint_step.json"  # the step of checkpoint.pt, readable without loading it
+SET_ASIDE_TAG = "bench.set_aside"  # the latest file a trial set aside, and why
+RESTART = "the trial restarts from step 0 and does not write the points the store already has"
 
 
 class HarnessContext:
@@ -92,7 +94,8 @@ class HarnessContext:
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}, not a dict")
         except Exception as exc:  # noqa: BLE001 - truncated files, random bytes, objects that are not weights
-            self._set_aside(self._ckpt, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            self._set_aside(self._ckpt, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                            RESTART)
             return None
         self.set_tags(**{"bench.resumed_from_step": str(state.get("step", "?"))})
         return state
@@ -116,7 +119,7 @@ class HarnessContext:
                 raise ValueError("not a mapping of metric names to steps")
             return record
         except (ValueError, OSError) as exc:
-            self._set_aside(self._written_file, str(exc)[:200])  # the store still says what was written
+            self._set_aside(self._written_file, str(exc)[:200], "the store says which points are written")
             return {}
 
     def _reconcile(self, record: dict[str, int]) -> dict[str, int]:
@@ -132,16 +135,20 @@ class HarnessContext:
         lost = sorted(k for k, step in record.items() if stored.get(k, -1) < step)
         if lost and self._ckpt.exists():
             what = ", ".join(f"{k} after step {stored.get(k, 'none')}" for k in lost[:3])
-            self._set_aside(self._ckpt, f"the store lacks points it recorded as written ({what})")
+            self._set_aside(self._ckpt, f"the store lacks points it recorded as written ({what})", RESTART)
         return stored
 
-    def _set_aside(self, path: Path, why: str) -> None:
+    def _set_aside(self, path: Path, why: str, then: str) -> None:
+        """Rename a file that cannot be used, with one warning naming it (also kept as the run's SET_ASIDE_TAG)."""
         if not path.exists():
             return
         aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
         path.replace(aside)
-        log.warning("trial %s: set aside %s (%s); the trial restarts from step 0 without rewriting stored points",
-                    self.trial_dir.name, aside, why)
+        if path == self._ckpt:
+            (self.trial_dir / CHECKPOINT_STEP).unlink(missing_ok=True)
+        message = f"set aside {aside} ({why}); {then}"
+        log.warning("trial %s: %s", self.trial_dir.name, message)
+        self.set_tags(**{SET_ASIDE_TAG: message[:5000]})
 
     # --- harness side --------------------------------------------------------------------------------------------
 

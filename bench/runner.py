@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import tracking
-from bench.context import CHECKPOINT_STEP, HarnessContext, ReplicaContext
+from bench.context import CHECKPOINT_STEP, SET_ASIDE_TAG, HarnessContext, ReplicaContext
 from bench.spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class RunSummary:
     statuses: dict[str, str] = field(default_factory=dict)  # key -> finished / diverged / failed / interrupted
     resumed: dict[str, int] = field(default_factory=dict)  # key -> the step a resumed trial started from
     errors: dict[str, str] = field(default_factory=dict)  # key -> why a trial failed or was interrupted
+    set_aside: dict[str, str] = field(default_factory=dict)  # key -> a file the trial could not use, and why
 
 
 def trial_dir(key: str, run_id: str) -> Path:
@@ -306,6 +307,8 @@ def _settle(trials: list[dict[str, Any]], errors: dict[str, str], interrupted: b
             if error:
                 summary.errors[key] = error
         summary.statuses[key] = status
+        if run.data.tags.get(SET_ASIDE_TAG, t["set_aside"]) != t["set_aside"]:
+            summary.set_aside[key] = run.data.tags[SET_ASIDE_TAG]
 
 
 def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, dict[str, float]], exp_id: str,
@@ -319,8 +322,9 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
     trials = []
     for spec in todo:
         key = spec.key()
+        set_aside = ""
         if key in existing:
-            run_id = existing[key].info.run_id
+            run_id, set_aside = existing[key].info.run_id, existing[key].data.tags.get(SET_ASIDE_TAG, "")
             tracking.adopt(uri, run_id, parent)
         else:
             run_id = tracking.create_trial_run(uri, exp_id, parent, spec, tracking.environment_tags())
@@ -330,7 +334,7 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
         if step is not None:
             summary.resumed[key] = step
         trials.append({"spec": spec.model_dump(), "run_id": run_id, "tracking_uri": uri, "trial_dir": str(d),
-                       "key": key, **resources[key]})
+                       "key": key, "set_aside": set_aside, **resources[key]})
 
     def placement(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         t = config["trial"]

@@ -57,6 +57,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_trial_restarts(tmp_path, stor
         warning = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
         assert len(warning) == 1 and "checkpoint.pt.unreadable-" in warning[0], warning
         assert len(warning[0].splitlines()) == 1
+        tags = tracking.client(uri).get_run(run_id).data.tags  # what the driver reports after the run
+        assert "checkpoint.pt.unreadable-" in tags["bench.set_aside"]
 
 
 def test_a_store_missing_recorded_points_restarts_the_trial(tmp_path, store):
