@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table as RichTable
+from rich.text import Text
 
 from bench import tracking
 
@@ -102,15 +103,32 @@ def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_
                             {"bench.suite": suite_name, "bench.command": command}, progress)
     console.print(f"[bold]{suite_name}[/]: {len(summary.started)} trials run, {len(summary.skipped)} already done "
                   f"(tracking: {uri}, parent run {summary.parent_run_id})")
+    text, files = leaderboard.write(trials, uri, experiment_name(suite_name), tracking.inside(out, suite_name),
+                                    parent_run_id=summary.parent_run_id)
+    console.print(text)
+    console.print(f"leaderboard written to {out / suite_name}/ ({len(files)} files)")
+    return _report_outcome(summary, specs)
+
+
+def _report_outcome(summary: Any, specs: list[Any]) -> int:
+    """Statuses, resumed and unfinished trials; the exit code: 130 when interrupted, 1 when a trial failed."""
+    labels = {s.key(): s.label() for s in specs}
+    for key, step in summary.resumed.items():
+        console.print(f"resumed {labels[key]} from step {step}", highlight=False, markup=False)
+    for key, message in summary.set_aside.items():
+        err.print(f"warning: {labels[key]}: {message}", highlight=False, markup=False)
     counts: dict[str, int] = {}
     for s in summary.statuses.values():
         counts[s] = counts.get(s, 0) + 1
     if counts:
         console.print("statuses: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    text, files = leaderboard.write(trials, uri, experiment_name(suite_name), out / suite_name,
-                                    parent_run_id=summary.parent_run_id)
-    console.print(text)
-    console.print(f"leaderboard written to {out / suite_name}/ ({len(files)} files)")
+    for key, error in summary.errors.items():
+        err.print(f"{summary.statuses[key]}: {labels[key]}: {tracking.short(error, 300)}", highlight=False,
+                  markup=False)
+    if counts.get("interrupted"):
+        err.print(f"interrupted: {counts['interrupted']} trials resumable — run the same command to resume",
+                  highlight=False, markup=False)
+        return 130
     return 1 if counts.get("failed") else 0
 
 
@@ -131,24 +149,12 @@ def run(
     """Run every trial of a suite that is not finished yet, then print and save its leaderboard."""
     from bench.suite import load_trials, parse_sets
 
-    s, trials = load_trials(suite, parse_sets(set_ or []), add_optimizer)
-    if only:
-        trials = _only(trials, only)
+    names = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
+    s, trials = load_trials(suite, parse_sets(set_ or []), add_optimizer, names)
     if dry_run:
         _print_matrix(trials)
         return
     raise typer.Exit(_run(s.name, trials, _uri(tracking_uri), address, max_concurrent, out, " ".join(sys.argv)))
-
-
-def _only(trials: list[Any], only: str) -> list[Any]:
-    """The trials whose table or task is named in `only` (an error names what matches nothing)."""
-    names = {n.strip() for n in only.split(",") if n.strip()}
-    valid = {t.table for t in trials} | {t.spec.task for t in trials}
-    unknown = sorted(names - valid)
-    if unknown or not names:
-        raise UserError(f"--only {only!r}: no table or task {', '.join(map(repr, unknown))} in this suite; "
-                        f"valid: {', '.join(sorted(valid))}")
-    return [t for t in trials if t.table in names or t.spec.task in names]
 
 
 DEFAULT_LRS = "1e-4,3e-4,1e-3"
@@ -194,6 +200,8 @@ def sweep(
     grid_trials = expand(apply_sets(grid, sets))
     uri = _uri(tracking_uri)
     code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv))
+    if code == 130:
+        raise typer.Exit(code)
     best = _best_lrs(grid_trials, uri, experiment_name(sweep_name))
     console.print("best learning rates: " + ", ".join(f"{o}={v}" for o, v in best.items()))
     if not best:
@@ -362,21 +370,29 @@ def main() -> None:
     from bench.suite import SuiteError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's `typer.Exit(code)` comes back as its return value
+        sys.exit(code if isinstance(code, int) else 0)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
-    except (SuiteError, UserError, ClusterError, ConnectionError, KeyError, ValidationError) as exc:
+    except tracking.DiskFullError as exc:
+        if STATE["debug"]:
+            raise
+        err.print(f"error: {exc.strerror}; unfinished trials are marked interrupted", highlight=False, markup=False)
+        sys.exit(1)
+    except (SuiteError, UserError, ClusterError, tracking.StoreError, ConnectionError, KeyError,
+            ValidationError) as exc:
         if STATE["debug"]:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        err.print(f"[bold red]error:[/] {msg}", highlight=False)
+        err.print(Text("error: ", style="bold red") + Text(msg), highlight=False)  # user text: no markup
         sys.exit(2)
     except Exception as exc:  # usage errors of typer's command-line parser: its own message, exit code 2
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
+            err.print("interrupted: run the same command to resume", highlight=False, markup=False)
             sys.exit(130)
         raise
 

@@ -2,13 +2,17 @@
 
 Metric points are buffered and written to MLflow before each checkpoint, every `flush_seconds`, and at the end.
 The highest step written per metric is kept beside the checkpoint, so a trial resumed after a kill does not write
-the points it recomputes a second time.
+the points it recomputes a second time. On resume that record is checked against the store, which is the truth: a
+store that lacks recorded points (it was lost or replaced) restarts the trial from step 0, and a checkpoint that
+cannot be read is set aside with a warning naming it, the trial restarting cleanly. Files are the user's only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,11 @@ import torch
 from bench import tracking
 from tasks.base import LocalContext, check_finite
 
+log = logging.getLogger(__name__)
+CHECKPOINT_STEP = "checkpoint_step.json"  # the step of checkpoint.pt, readable without loading it
+SET_ASIDE_TAG = "bench.set_aside"  # the latest file a trial set aside, and why
+RESTART = "the trial restarts from step 0 and does not write the points the store already has"
+
 
 class HarnessContext:
     """`tasks.base.TrialContext` for trials run by the harness (inside a Ray Tune worker or in-process)."""
@@ -25,15 +34,12 @@ class HarnessContext:
     def __init__(self, uri: str, run_id: str, trial_dir: Path, seed: int, device: str,
                  flush_seconds: float = 30.0, tune_report: bool = True) -> None:
         self.uri, self.run_id, self.seed, self.device = uri, run_id, seed, device
-        self.trial_dir = trial_dir
-        self.artifact_dir = trial_dir / "artifacts"
-        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.trial_dir = tracking.private_dir(trial_dir)
+        self.artifact_dir = tracking.private_dir(trial_dir / "artifacts")
         self._ckpt = trial_dir / "checkpoint.pt"
         (trial_dir / "worker.pid").write_text(str(os.getpid()))  # lets an operator (or a test) find the worker
         self._written_file = trial_dir / "written_steps.json"
-        self._written: dict[str, int] = (
-            json.loads(self._written_file.read_text()) if self._written_file.exists() else {}
-        )
+        self._written = self._reconcile(self._read_record())
         self._buffer: list[tuple[int, str, float, int]] = []
         self._last_flush = time.monotonic()
         self._flush_seconds = flush_seconds
@@ -69,15 +75,80 @@ class HarnessContext:
         # already written, whereas the other order would resume past points that were never written.
         self.flush()
         tmp = self._ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self._ckpt)
+        try:
+            with os.fdopen(tracking.private_file(tmp), "wb") as f:
+                torch.save(state, f)
+            tmp.replace(self._ckpt)
+            _write_json(self.trial_dir / CHECKPOINT_STEP, {"step": state.get("step")})
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if tracking.is_disk_full(exc):
+                raise tracking.DiskFullError(tmp) from None
+            raise
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self._ckpt.exists():
             return None
-        state = torch.load(self._ckpt, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self._ckpt, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(f"holds a {type(state).__name__}, not a dict")
+        except Exception as exc:  # noqa: BLE001 - truncated files, random bytes, objects that are not weights
+            self._set_aside(self._ckpt, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                            RESTART)
+            return None
         self.set_tags(**{"bench.resumed_from_step": str(state.get("step", "?"))})
         return state
+
+    def close(self) -> None:
+        """The trial is done: remove its checkpoint and records (anything set aside stays, with the folder)."""
+        for name in ("checkpoint.pt", CHECKPOINT_STEP, "written_steps.json", "worker.pid"):
+            (self.trial_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.artifact_dir, ignore_errors=True)
+        if not any(self.trial_dir.iterdir()):
+            self.trial_dir.rmdir()
+
+    # --- resuming ------------------------------------------------------------------------------------------------
+
+    def _read_record(self) -> dict[str, int]:
+        if not self._written_file.exists():
+            return {}
+        try:
+            record = json.loads(self._written_file.read_text())
+            if not isinstance(record, dict) or not all(isinstance(v, int) for v in record.values()):
+                raise ValueError("not a mapping of metric names to steps")
+            return record
+        except (ValueError, OSError) as exc:
+            self._set_aside(self._written_file, str(exc)[:200], "the store says which points are written")
+            return {}
+
+    def _reconcile(self, record: dict[str, int]) -> dict[str, int]:
+        """The highest step per metric that the store holds. Where the record claims points the store lacks, the
+        checkpoint is set aside so the trial recomputes them from step 0 (skipping the points the store has)."""
+        c = tracking.client(self.uri)
+        keys = set(tracking.retry(lambda: c.get_run(self.run_id)).data.metrics) | set(record)
+        stored = {}
+        for key in keys:
+            steps = [m.step for m in tracking.retry(lambda key=key: c.get_metric_history(self.run_id, key))]
+            if steps:
+                stored[key] = max(steps)
+        lost = sorted(k for k, step in record.items() if stored.get(k, -1) < step)
+        if lost and self._ckpt.exists():
+            what = ", ".join(f"{k} after step {stored.get(k, 'none')}" for k in lost[:3])
+            self._set_aside(self._ckpt, f"the store lacks points it recorded as written ({what})", RESTART)
+        return stored
+
+    def _set_aside(self, path: Path, why: str, then: str) -> None:
+        """Rename a file that cannot be used, with one warning naming it (also kept as the run's SET_ASIDE_TAG)."""
+        if not path.exists():
+            return
+        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+        path.replace(aside)
+        if path == self._ckpt:
+            (self.trial_dir / CHECKPOINT_STEP).unlink(missing_ok=True)
+        message = f"set aside {aside} ({why}); {then}"
+        log.warning("trial %s: %s", self.trial_dir.name, message)
+        self.set_tags(**{SET_ASIDE_TAG: message[:5000]})
 
     # --- harness side --------------------------------------------------------------------------------------------
 
@@ -87,15 +158,27 @@ class HarnessContext:
             tracking.log_metrics(self.uri, self.run_id, self._buffer)
             for step, key, _, _ in self._buffer:
                 self._written[key] = max(step, self._written.get(key, -1))
-            tmp = self._written_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._written))
-            tmp.replace(self._written_file)
+            _write_json(self._written_file, self._written)
             self._buffer.clear()
         self._last_flush = time.monotonic()
 
     def upload_artifacts(self) -> None:
         if any(self.artifact_dir.iterdir()):
             tracking.retry(lambda: tracking.client(self.uri).log_artifacts(self.run_id, str(self.artifact_dir)))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Replace a small record atomically (user-only file; a full disk leaves no temp file and says which disk)."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        with os.fdopen(tracking.private_file(tmp), "w") as f:
+            json.dump(value, f)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if tracking.is_disk_full(exc):
+            raise tracking.DiskFullError(path) from None
+        raise
 
 
 class ReplicaContext(LocalContext):

@@ -32,6 +32,7 @@ class Cell:
     values: list[float] = field(default_factory=list)
     diverged: int = 0
     missing: int = 0
+    failed: int = 0  # trials that ended in an error (counted in `missing` too)
     summary: str = "mean"
 
     @property
@@ -62,7 +63,7 @@ class Cell:
             return "diverged" + (f" ({self.diverged}/{self.seeds})" if self.seeds > 1 else "")
         center = self.center()
         if center is None:
-            return "—" if not self.missing else "pending"
+            return "failed" if self.failed else "—" if not self.missing else "pending"
         note = f" ({self.diverged}/{self.seeds} diverged)" if self.diverged else ""
         return f"{_fmt(center)}{self.spread()}{note}"
 
@@ -189,6 +190,7 @@ def _add(cell: Cell, run: Any, metric: str) -> None:
         cell.values.append(value)
     else:
         cell.missing += 1
+        cell.failed += status == "failed"
 
 
 def data_statement(trials: list[Trial], runs: dict[str, Any]) -> str:

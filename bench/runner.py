@@ -9,16 +9,20 @@ A trial whose task asks for several workers runs data-parallel: its Tune trial s
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import tracking
-from bench.context import HarnessContext, ReplicaContext
+from bench.context import CHECKPOINT_STEP, SET_ASIDE_TAG, HarnessContext, ReplicaContext
 from bench.spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -46,11 +50,16 @@ class RunSummary:
     experiment_id: str
     started: list[str] = field(default_factory=list)  # trial keys run by this invocation
     skipped: list[str] = field(default_factory=list)  # trial keys already done in the store
-    statuses: dict[str, str] = field(default_factory=dict)  # key -> finished / diverged / failed
+    statuses: dict[str, str] = field(default_factory=dict)  # key -> finished / diverged / failed / interrupted
+    resumed: dict[str, int] = field(default_factory=dict)  # key -> the step a resumed trial started from
+    errors: dict[str, str] = field(default_factory=dict)  # key -> why a trial failed or was interrupted
+    set_aside: dict[str, str] = field(default_factory=dict)  # key -> a file the trial could not use, and why
 
 
-def trial_dir(key: str) -> Path:
-    return tracking.home() / "trials" / key
+def trial_dir(key: str, run_id: str) -> Path:
+    """A trial's checkpoint folder. It belongs to one child run, so a new run (of another experiment, or after the
+    store was lost) never inherits another run's progress; it is removed once its trial is done."""
+    return tracking.inside(tracking.home() / "trials", f"{key}-{run_id}")
 
 
 def _device(gpus: float) -> str:
@@ -70,6 +79,7 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     ctx = HarnessContext(uri, run_id, Path(trial["trial_dir"]), spec.seed, device or _device(trial["gpus"]),
                          tune_report=tune_report)
     c = tracking.client(uri)
+    tracking.retry(lambda: c.update_run(run_id, status="RUNNING"))  # a retried or resumed run runs again
     tracking.retry(lambda: c.set_tag(run_id, tracking.STATUS_TAG, "running"))
     ctx.set_tags(**tracking.device_tags(ctx.device))
     task = tasks.get_task(spec.task)
@@ -80,7 +90,9 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
         final, status, reason = dict(ctx.last_metrics), "diverged", str(exc)
     except BaseException as exc:
         ctx.flush()
-        ctx.set_tags(**{tracking.STATUS_TAG: "failed", "bench.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        interrupted = isinstance(exc, (KeyboardInterrupt, tracking.DiskFullError))
+        ctx.set_tags(**{tracking.STATUS_TAG: "interrupted" if interrupted else "failed",
+                        "bench.error": f"{type(exc).__name__}: {exc}"[:5000]})
         tracking.retry(lambda: c.log_text(run_id, traceback.format_exc(), "error.txt"))
         raise
     ctx.flush()
@@ -90,6 +102,7 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     tracking.log_metrics(uri, run_id, [(int(ctx.last_metrics.get("step", 0)), k, v, 0) for k, v in finals.items()])
     ctx.set_tags(**{tracking.STATUS_TAG: status, **({"bench.diverged_reason": reason[:5000]} if reason else {})})
     tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
+    ctx.close()
     result = {**{k.replace("/", "."): v for k, v in finals.items()}, "bench_status": status}
     if tune_report:
         from ray import tune
@@ -183,18 +196,25 @@ def _init_ray(opts: RunOptions) -> None:
 
 
 def prepare(specs: list[TrialSpec], experiment: str, opts: RunOptions) -> tuple[str, dict[str, Any]]:
-    """Check the store answers and look up what is already done (writes nothing)."""
-    tracking.check_reachable(opts.tracking_uri)
-    tracking.prepare_store(opts.tracking_uri)
+    """Check the store can be used (creating or repairing a local one) and look up what is already done."""
+    tracking.check_store(opts.tracking_uri)
     exp_id = tracking.experiment_id(opts.tracking_uri, experiment)
     return exp_id, tracking.trial_runs(opts.tracking_uri, exp_id)
 
 
 def run_specs(specs: list[TrialSpec], resources: dict[str, dict[str, float]], experiment: str, opts: RunOptions,
               parent_tags: dict[str, str], progress: Any = None) -> RunSummary:
-    """Run every spec not finished yet under one new parent run. `resources[key]` = {"cpus": .., "gpus": ..}."""
+    """Run every spec not finished yet under one new parent run. `resources[key]` = {"cpus": .., "gpus": ..}.
+    One run at a time holds BENCH_HOME and the store (a second one gets StoreError naming the first)."""
+    tracking.check_uri(opts.tracking_uri)  # a malformed or unwritable store fails before Ray starts
     if opts.address:  # a cluster that does not answer fails before anything is written
         _init_ray(opts)
+    with tracking.run_lock(opts.tracking_uri, parent_tags.get("bench.command", experiment)):
+        return _run_locked(specs, resources, experiment, opts, parent_tags, progress)
+
+
+def _run_locked(specs: list[TrialSpec], resources: dict[str, dict[str, float]], experiment: str, opts: RunOptions,
+                parent_tags: dict[str, str], progress: Any) -> RunSummary:
     exp_id, existing = prepare(specs, experiment, opts)
     uri = opts.tracking_uri
     done = {k for k, r in existing.items() if r.data.tags.get(tracking.STATUS_TAG) in tracking.DONE_STATUSES}
@@ -213,34 +233,108 @@ def run_specs(specs: list[TrialSpec], resources: dict[str, dict[str, float]], ex
     status = "FAILED"
     try:
         if todo:
-            summary.statuses = _tune(todo, existing, resources, exp_id, parent, opts, progress)
             summary.started = [s.key() for s in todo]
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+            _tune(todo, existing, resources, exp_id, parent, opts, progress, summary)
+        status = "KILLED" if "interrupted" in summary.statuses.values() else "FINISHED"
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) or tracking.is_disk_full(exc):
+            status = "KILLED"
+        if tracking.is_disk_full(exc) and not isinstance(exc, tracking.DiskFullError):
+            raise tracking.DiskFullError(tracking.home()) from None
         raise
     finally:
-        tracking.retry(lambda: tracking.client(uri).set_terminated(parent, status=status))
+        try:
+            tracking.retry(lambda: tracking.client(uri).set_terminated(parent, status=status))
+        except Exception:  # noqa: BLE001 - a full disk may refuse this too; the next run closes stale parents
+            if status == "FINISHED":
+                raise
     return summary
 
 
+class _Interrupt:
+    """Ctrl-C during `Tuner.fit`: the first one stops every trial where it is (their checkpoints stay for a rerun),
+    a second one interrupts at once. Replaces Tune's own handler, whose advice (`Tuner.restore`) does not apply."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> _Interrupt:
+        import os
+
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self._previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        log.warning("interrupted: stopping the running trials (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+
+    def stopper(self) -> Any:
+        from ray import tune
+
+        interrupt = self
+
+        class Stop(tune.Stopper):
+            def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+                return interrupt.requested
+
+            def stop_all(self) -> bool:
+                return interrupt.requested
+
+        return Stop()
+
+
+def _settle(trials: list[dict[str, Any]], errors: dict[str, str], interrupted: bool, summary: RunSummary) -> None:
+    """Each trial's outcome, read from its child run (what the trial itself recorded is the truth). A trial that did
+    not finish is closed as `interrupted` (KILLED) when the run was stopped, else as `failed` (FAILED) with its
+    error, so the store never keeps a RUNNING trial nobody runs."""
+    for t in trials:
+        key = t["key"]
+        run = tracking.retry(lambda t=t: tracking.client(t["tracking_uri"]).get_run(t["run_id"]))
+        status = run.data.tags.get(tracking.STATUS_TAG, "")
+        if status not in tracking.DONE_STATUSES:
+            status = "interrupted" if interrupted or status == "interrupted" else "failed"
+            lines = [x for x in errors.get(key, "").splitlines() if x.strip()]
+            error = run.data.tags.get("bench.error") or (lines[-1] if lines else "")
+            tracking.close_trial(t["tracking_uri"], t["run_id"], status, error)
+            if error:
+                summary.errors[key] = error
+        summary.statuses[key] = status
+        if run.data.tags.get(SET_ASIDE_TAG, t["set_aside"]) != t["set_aside"]:
+            summary.set_aside[key] = run.data.tags[SET_ASIDE_TAG]
+
+
 def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, dict[str, float]], exp_id: str,
-          parent: str, opts: RunOptions, progress: Any) -> dict[str, str]:
+          parent: str, opts: RunOptions, progress: Any, summary: RunSummary) -> None:
+    """Run the trials on Ray Tune; their outcomes (and the step each resumed trial starts from) go to `summary`."""
     from ray import tune
+
+    from bench.retries import Retries
 
     uri = opts.tracking_uri
     trials = []
     for spec in todo:
         key = spec.key()
+        set_aside = ""
         if key in existing:
-            run_id = existing[key].info.run_id
+            run_id, set_aside = existing[key].info.run_id, existing[key].data.tags.get(SET_ASIDE_TAG, "")
             tracking.adopt(uri, run_id, parent)
         else:
             run_id = tracking.create_trial_run(uri, exp_id, parent, spec, tracking.environment_tags())
-        d = trial_dir(key)
-        d.mkdir(parents=True, exist_ok=True)
+        d = trial_dir(key, run_id)
+        tracking.private_dir(d)
+        step = checkpoint_step(d)
+        if step is not None:
+            summary.resumed[key] = step
         trials.append({"spec": spec.model_dump(), "run_id": run_id, "tracking_uri": uri, "trial_dir": str(d),
-                       "key": key, **resources[key]})
+                       "key": key, "set_aside": set_aside, **resources[key]})
 
     def placement(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         t = config["trial"]
@@ -253,23 +347,36 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
     name = f"{exp_id}-{parent[:8]}"
     if not opts.debug:  # results live in MLflow; Tune's own result files are switched off, so it warns of them
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    tuner = tune.Tuner(
-        tune.with_resources(_tune_trainable, placement),
-        param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=opts.max_concurrent or None, reuse_actors=False),
-        run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), verbose=0,
-            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-            callbacks=[progress] if progress is not None else None,
-        ),
-    )
-    grid = tuner.fit()
-    statuses = {}
-    for result in grid:
-        key = result.config["trial"]["key"]
-        statuses[key] = "failed" if result.error else (result.metrics or {}).get("bench_status", "failed")
+    callbacks = [c for c in (progress, None if opts.debug else Retries(checkpoint_step)) if c is not None]
+    with _Interrupt() as interrupt:
+        tuner = tune.Tuner(
+            tune.with_resources(_tune_trainable, placement),
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=opts.max_concurrent or None, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage), verbose=0, stop=interrupt.stopper(),
+                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                callbacks=callbacks or None,
+            ),
+        )
+        try:
+            grid = tuner.fit()
+        except BaseException as exc:  # a second Ctrl-C, or the driver's disk filled up: every trial is resumable
+            if isinstance(exc, KeyboardInterrupt) or tracking.is_disk_full(exc):
+                with contextlib.suppress(Exception):
+                    _settle(trials, {}, True, summary)
+            raise
+    errors = {r.config["trial"]["key"]: f"{type(r.error).__name__}: {r.error}"[:5000] for r in grid if r.error}
+    _settle(trials, errors, interrupt.requested, summary)
     shutil.rmtree(storage / name, ignore_errors=True)
-    return statuses
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of the checkpoint a trial folder holds (None without one)."""
+    try:
+        return int(json.loads((folder / CHECKPOINT_STEP).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _tune_trainable(config: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ A suite file looks like::
 
 A list value in `overrides` or `hparams` is a grid axis (write a list-valued setting such as betas as a list of
 lists: `betas: [[0.9, 0.95]]`). Top-level keys starting with `x-` are ignored: use them for YAML anchors.
+Suite and table names become file names: letters, digits, `.`, `_`, `-`, at most 100 characters. A file whose
+anchors expand past `MAX_YAML_NODES` values or that nests deeper than `MAX_YAML_DEPTH` is refused.
 Every error names the file, the line and the field.
 
 An optimizer may be a user optimizer (`mypkg.opt:MyOptimizer`, or a name of the `bench.optimizers` entry points; see
@@ -40,6 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bench.spec import TrialSpec
+from bench.tracking import short
 
 SUITES_DIR = Path(__file__).parent / "suites"
 log = logging.getLogger(__name__)
@@ -57,12 +60,63 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+MAX_YAML_NODES = 100_000  # values after anchors are expanded (a "billion laughs" file is refused, not built)
+MAX_YAML_DEPTH = 32
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # names that become file and folder names
 
 
 class SuiteError(ValueError):
     """A suite (or a command-line override) is invalid; the message says where and why."""
+
+
+def yaml_load(text: str, where: str = "<yaml>") -> Any:
+    """Parse YAML whose expanded size and nesting are bounded (SuiteError otherwise)."""
+    _bounded(_compose(text, where), where)
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _compose(text: str, where: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise SuiteError(f"{where}: nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+
+
+def _bounded(root: yaml.Node | None, where: str) -> None:
+    """Refuse a document that nests deeper than MAX_YAML_DEPTH or expands (through aliases) past MAX_YAML_NODES
+    values, before anything builds it."""
+    memo: dict[int, tuple[int, int]] = {}  # node -> (expanded size, height): aliases share nodes
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > MAX_YAML_DEPTH:
+            raise SuiteError(f"{where}:{node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+        if id(node) not in memo:
+            children = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else (
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+            size, height = 1, 0
+            for child in children:
+                s, h = walk(child, depth + 1)
+                size, height = size + s, max(height, h + 1)
+                if size > MAX_YAML_NODES:
+                    break
+            memo[id(node)] = (size, height)
+        size, height = memo[id(node)]
+        if depth + height > MAX_YAML_DEPTH:
+            raise SuiteError(f"{where}:{node.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+        if size > MAX_YAML_NODES:
+            raise SuiteError(f"{where}:{node.start_mark.line + 1}: expands to more than {MAX_YAML_NODES} values "
+                             "(anchors and aliases repeated too often)")
+        return size, height
+
+    if root is not None:
+        walk(root, 0)
+
+
+def _safe_name(value: str | None) -> str | None:
+    if value is not None and not NAME_RE.fullmatch(value):
+        raise ValueError(f"{short(repr(value), 60)} cannot name files: use 1 to 100 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return value
 
 
 class OptimizerEntry(BaseModel):
@@ -84,6 +138,11 @@ class Experiment(BaseModel):
     optimizers: list[str | OptimizerEntry] = Field(min_length=1)
     seeds: list[int] | int = Field(default_factory=lambda: [0])
 
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str | None) -> str | None:
+        return _safe_name(v)
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int] | int) -> list[int]:
@@ -101,6 +160,11 @@ class Suite(BaseModel):
     name: str
     description: str = ""
     experiments: list[Experiment] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _safe_name(v)
 
 
 @dataclass(frozen=True)
@@ -164,8 +228,8 @@ def load(name_or_path: str) -> tuple[Suite, Path, yaml.Node | None]:
     path = suite_path(name_or_path)
     text = path.read_text()
     try:
-        root = yaml.compose(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-        raw = yaml_load(text)
+        root = _compose(text, str(path))
+        raw = yaml_load(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else "?"
@@ -201,7 +265,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         if root in ("task", "hparams") and "." not in key:
             raise SuiteError(f"bad --set {item!r}: name the field, e.g. {root}.steps=100")
         try:
-            out[key] = yaml_load(value)
+            out[key] = yaml_load(value, f"--set {key}")
         except yaml.YAMLError as exc:
             raise SuiteError(f"bad --set {item!r}: value is not valid YAML ({exc})") from None
     return out
@@ -320,7 +384,7 @@ def _check_hparams(name: str, spec: Any, hparams: dict[str, Any]) -> str | None:
     try:
         optimizers.build(name, torch.nn.Linear(4, 4), **hparams)
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        return f"optimizer {name!r} rejects {hparams}: {exc}"
+        return f"optimizer {name!r} rejects {short(hparams)}: {short(str(exc), 300)}"
     return None
 
 
@@ -329,8 +393,37 @@ def _grid(values: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
-def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None) -> list[Trial]:
-    """All trials of a suite, checked against the task and optimizer registries (SuiteError on the first problems)."""
+def _install_hint(reason: str) -> str:
+    """How to install the optional packages an "unavailable because ..." reason names: the extra that has them."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.metadata("bench").get_all("Requires-Dist") or []
+    except metadata.PackageNotFoundError:
+        return ""
+    for req in requirements:
+        m = re.match(r'([A-Za-z0-9_.-]+).*extra == "(\w+)"', req)
+        if m and m.group(2) != "all" and re.search(rf"\b{re.escape(m.group(1)).replace('-', '[-_]')}\b", reason):
+            return f"; install it with: pip install 'bench[{m.group(2)}]'"
+    return ""
+
+
+def _selected(suite: Suite, only: set[str] | None) -> set[int]:
+    """Indices of the experiments whose table or task is named in `only` (all without it)."""
+    if only is None:
+        return set(range(len(suite.experiments)))
+    valid = {e.table or e.task for e in suite.experiments} | {e.task for e in suite.experiments}
+    unknown = sorted(only - valid)
+    if unknown or not only:
+        raise SuiteError(f"--only: no table or task {', '.join(map(repr, unknown))} in this suite; "
+                         f"valid: {', '.join(sorted(valid))}")
+    return {i for i, e in enumerate(suite.experiments) if e.task in only or (e.table or e.task) in only}
+
+
+def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None,
+           only: set[str] | None = None) -> list[Trial]:
+    """All trials of a suite (or of the tables and tasks named in `only`), checked against the task and optimizer
+    registries (SuiteError on the first problems). Experiments left out by `only` are not checked."""
     import optimizers
     import tasks
     from optimizers.plugins import own_defaults
@@ -338,7 +431,10 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
     path = path or Path(f"<suite {suite.name}>")
     trials: list[Trial] = []
     errors: list[str] = []
+    selected = _selected(suite, only)
     for i, exp in enumerate(suite.experiments):
+        if i not in selected:
+            continue
         where = ("experiments", i)
         try:
             task = tasks.get_task(exp.task)
@@ -368,6 +464,10 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
                     spec = optimizers.spec(entry.name)
                 except (KeyError, ValueError) as exc:
                     errors.append(f"{_where(path, root, opt_where)}: {exc.args[0]}")
+                    continue
+                if not spec.available:
+                    errors.append(f"{_where(path, root, opt_where)}: optimizer {entry.name!r} is {spec.unavailable}"
+                                  + _install_hint(spec.unavailable))
                     continue
                 merged = {**own_defaults(entry.name), **exp.hparams, **entry.hparams}
                 unknown = sorted(set(merged) - set(spec.accepts))
@@ -402,11 +502,11 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
     return trials
 
 
-def load_trials(name_or_path: str, sets: dict[str, Any] | None = None, added: list[str] | None = None
-                ) -> tuple[Suite, list[Trial]]:
+def load_trials(name_or_path: str, sets: dict[str, Any] | None = None, added: list[str] | None = None,
+                only: set[str] | None = None) -> tuple[Suite, list[Trial]]:
     suite, path, root = load(name_or_path)
     suite = apply_sets(add_optimizers(suite, added or []), sets or {})
-    return suite, expand(suite, path, root)
+    return suite, expand(suite, path, root, only)
 
 
 def unique_specs(trials: list[Trial]) -> list[TrialSpec]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,9 +25,57 @@ PARENT_TAG = "mlflow.parentRunId"
 T = TypeVar("T")
 
 
+class StoreError(RuntimeError):
+    """The tracking store cannot be used (malformed URI, unwritable folder); raised before any trial starts."""
+
+
+class DiskFullError(OSError):
+    """A write failed because its filesystem is full; the message names the filesystem."""
+
+    def __init__(self, path: Path | str) -> None:
+        mount = _mount_point(Path(path))
+        super().__init__(errno.ENOSPC, f"no space left on the filesystem mounted at {mount} (writing {path}); "
+                         "free some space there (or set BENCH_HOME to another disk) and run the same command to resume")
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists() or (not os.path.ismount(path) and path != path.parent):
+        path = path.parent
+    return path
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a full filesystem, whether seen by Python (ENOSPC) or reported by SQLite through MLflow."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "database or disk is full" in str(exc) or "No space left on device" in str(exc)
+
+
 def home() -> Path:
-    """The harness's working folder: `$BENCH_HOME`, default `./.bench` (MLflow store, checkpoints, Ray logs)."""
+    """The harness's working folder: `$BENCH_HOME`, default `./.bench` (MLflow store, checkpoints, artifacts)."""
     return Path(os.environ.get("BENCH_HOME", ".bench")).resolve()
+
+
+def inside(folder: Path, *parts: str) -> Path:
+    """`folder/parts...`, refused (ValueError) when the result would lie outside `folder`."""
+    path = folder.joinpath(*parts).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"refusing to write {path}: it is outside {folder}")
+    return path
+
+
+def private_dir(path: Path) -> Path:
+    """Create a folder (and its missing parents) readable by the user only."""
+    for p in reversed([path, *path.parents]):
+        if not p.exists():
+            p.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def private_file(path: Path) -> int:
+    """Open a file for writing (created or truncated) readable by the user only; returns the descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
 def default_tracking_uri() -> str:
@@ -67,9 +118,90 @@ def client(uri: str):
 
 
 def prepare_store(uri: str) -> None:
-    """Create a local SQLite store's folder (and schema) in the driver, before trials race to do it."""
+    """Create a local SQLite store's folder (and schema) in the driver, before trials race to do it. The folder and
+    the database file are the user's only; a store whose creation never completed (e.g. the disk filled up) is
+    set aside and created again."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    private_dir(db.parent)
+    if db.exists() and _half_created(db):
+        aside = db.with_name(f"{db.name}.incomplete-{int(time.time())}")
+        db.replace(aside)
+        logging.getLogger(__name__).warning("the tracking store %s was never completely created; set aside as %s "
+                                            "and created again", db, aside.name)
+    if not db.exists():
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
+def _half_created(db: Path) -> bool:
+    """True for a SQLite file with some of MLflow's tables but no schema version: its creation was cut short."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+            if not tables:
+                return False
+            if "alembic_version" not in tables:
+                return True
+            return con.execute("select count(*) from alembic_version").fetchone()[0] == 0
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+
+
+def check_uri(uri: str) -> None:
+    """StoreError for a tracking URI that names no store MLflow can use, ConnectionError for a server that does not
+    answer (checked before anything is written)."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme and scheme not in ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks") \
+            and "+" not in scheme:
+        raise StoreError(f"--tracking-uri {short(uri)}: unsupported scheme {short(scheme, 40)}; use "
+                         "sqlite:///PATH, http(s)://HOST:PORT (an MLflow server) or a database URL")
+    if uri.startswith("sqlite:") and (not uri.startswith("sqlite:///") or uri == "sqlite:///"):
+        raise StoreError(f"--tracking-uri {short(uri)}: a SQLite store is written sqlite:///PATH "
+                         "(three slashes, then the path)")
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        existing = next(p for p in [folder, *folder.parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise _unwritable(uri, folder, "permission denied" if existing.is_dir() else f"{existing} is a file")
+    check_reachable(uri)
+
+
+def _unwritable(uri: str, folder: Path, why: str) -> StoreError:
+    return StoreError(f"--tracking-uri {short(uri)}: cannot create the store's folder {short(str(folder))} ({why}); "
+                      "pass a writable location, e.g. sqlite:///$HOME/bench/mlflow.db")
+
+
+def check_store(uri: str) -> None:
+    """Raise StoreError (or ConnectionError for a server that does not answer) unless the store can be used;
+    a local store is created (or repaired) here."""
+    check_uri(uri)
+    try:
+        prepare_store(uri)
+        client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - OSError from the folder, MLflow/SQLAlchemy errors from the store
+        if is_disk_full(exc):
+            raise DiskFullError(Path(uri.removeprefix("sqlite:///"))) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"the tracking store {short(uri)} cannot be used: {short(first, 300)}. Pass a writable "
+                         "location, e.g. --tracking-uri sqlite:///$HOME/bench/mlflow.db, or a tracking server "
+                         "http://HOST:PORT.") from None
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """A value for an error message, cut to `limit` characters (never an unbounded repr)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlevel, r.maxlist, r.maxdict = 3, 8, 8
+    text = value if isinstance(value, str) else r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -78,7 +210,7 @@ def experiment_id(uri: str, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = (home() / "artifacts" / name).as_uri() if is_local_uri(uri) else None
+    location = inside(home() / "artifacts", name).as_uri() if is_local_uri(uri) else None
     return c.create_experiment(name, artifact_location=location)
 
 
@@ -182,6 +314,50 @@ def log_metrics(uri: str, run_id: str, points: Iterable[tuple[int, str, float, i
     items = [Metric(k, v, ts, step) for step, k, v, ts in points]
     for i in range(0, len(items), 1000):
         retry(lambda chunk=items[i : i + 1000]: client(uri).log_batch(run_id, metrics=chunk))
+
+
+def close_trial(uri: str, run_id: str, status: str, error: str) -> None:
+    """End a trial's child run that did not finish: `interrupted` (KILLED, resumable) or `failed` (FAILED)."""
+    c = client(uri)
+    tags = {STATUS_TAG: status} | ({"bench.error": error[:5000]} if error else {})
+    for k, v in tags.items():
+        retry(lambda k=k, v=v: c.set_tag(run_id, k, v))
+    retry(lambda: c.set_terminated(run_id, status="KILLED" if status == "interrupted" else "FAILED"))
+
+
+@contextlib.contextmanager
+def run_lock(uri: str, command: str) -> Iterator[None]:
+    """Hold BENCH_HOME (and a local store elsewhere) for one `bench run`/`sweep`; a second one gets StoreError
+    naming the first (PID, command, since when). The OS drops the lock when its holder dies, even by kill -9."""
+    import fcntl
+
+    folders = [home()]
+    if uri.startswith("sqlite:///"):  # the store's folder first: one that cannot exist fails before BENCH_HOME does
+        folders.insert(0, Path(uri.removeprefix("sqlite:///")).parent)
+    held = []
+    try:
+        for folder in dict.fromkeys(p.resolve() for p in folders):
+            try:
+                private_dir(folder)
+            except OSError as exc:
+                raise _unwritable(uri, folder, exc.strerror or str(exc)) from None
+            path = folder / "bench.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 2000).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise StoreError(f"another bench run is using {folder}: {short(holder, 400)}. Wait for it to end, "
+                                 "or give this one its own BENCH_HOME and --tracking-uri.") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"PID {os.getpid()}, `{short(command, 300)}`, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+            held.append(fd)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def adopt(uri: str, run_id: str, parent_id: str) -> None:

@@ -15,6 +15,20 @@ experiments:
     optimizers: [adamw]
 """
 
+
+
+def TABLE(name: str) -> str:  # noqa: N802 - reads as a constant of the cases below
+    return GOOD.replace("preset: smoke", f"preset: smoke\n    table: {name}")
+
+
+# a "billion laughs": 10**9 values once its anchors are expanded, a few hundred bytes as written
+LAUGHS = "name: t\nx-0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"x-{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
+) + GOOD.split("\n", 1)[1].replace("lr: 1e-3", "lr: *a8")
+BOMB = "[&a [1,1,1,1,1,1,1,1,1,1], " + ", ".join(
+    f"&{c} [{','.join([f'*{p}'] * 10)}]" for p, c in zip("abcd", "bcde", strict=True)
+) + ", [" + ",".join(["*e"] * 10) + "]]"
+
 CASES = {
     "unknown suite": (["run", "--suite", "nope"], None, "unknown suite 'nope'; valid suites:"),
     "malformed yaml": (["run", "--suite", "{f}"], "name: t\nexperiments: [\n", "malformed YAML"),
@@ -49,6 +63,23 @@ CASES = {
                              "no task of this suite has a field 'workerz'"),
     "unknown --only table": (["run", "--suite", "smoke", "--only", "llm_pretrain,tabel9"], None,
                              "no table or task 'tabel9' in this suite; valid:"),
+    "table name leaving --out": (["run", "--suite", "{f}"], TABLE("../../escape"),
+                                 "experiments.0.table: Value error, '../../escape' cannot name files"),
+    "suite name leaving BENCH_HOME": (["run", "--suite", "{f}"], GOOD.replace("name: t", "name: ../../t"),
+                                      "name: Value error, '../../t' cannot name files"),
+    "table name too long": (["run", "--suite", "{f}"], TABLE("x" * 300), "cannot name files: use 1 to 100 letters"),
+    "sweep name leaving --out": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--name", "../up"], None,
+                                 "cannot name files"),
+    "billion laughs": (["run", "--suite", "{f}", "--dry-run"], LAUGHS, "expands to more than 100000 values"),
+    "deeply nested list": (["run", "--suite", "{f}"], "name: t\nexperiments: " + "[" * 100_000 + "]" * 100_000 + "\n",
+                           "nested too deeply"),
+    "anchor bomb in --set": (["run", "--suite", "smoke", "--dry-run", "--set", "hparams.lr=" + BOMB], None,
+                             "expands to more than 100000 values"),
+    "malformed tracking uri": (["run", "--suite", "{f}", "--tracking-uri", "sqlite:/x.db"], GOOD,
+                               "a SQLite store is written sqlite:///PATH"),
+    "unwritable tracking uri": (["run", "--suite", "{f}", "--tracking-uri", "sqlite:////proc/x/mlflow.db"], GOOD,
+                                "cannot create the store's folder /proc/x"),
+    "unknown tracking scheme": (["run", "--suite", "{f}", "--tracking-uri", "ftp://h/x"], GOOD, "unsupported scheme"),
     "zero seeds in sweep": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--seeds", "0"], None,
                             "--seeds"),
 }
@@ -83,6 +114,7 @@ def test_bad_input(tmp_path, monkeypatch, capsys, case):
     assert needle in " ".join(err.split()), err
     assert "Traceback" not in err + out
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no store, no results
+    assert len(err) < 3000  # one paragraph, never an unbounded value
 
 
 def test_console_command_exit_code(bench):
@@ -104,3 +136,56 @@ def test_list_and_dry_run(bench):
     assert dry.returncode == 0, dry.stderr
     assert "GPU-hours" in dry.stdout and "llama_1b" in dry.stdout
     assert not (bench.root / ".bench").exists() and not (bench.root / "results").exists()
+
+
+def test_a_second_run_on_the_same_store_names_the_first(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import time
+
+    (tmp_path / "good.yaml").write_text(GOOD)
+    holder = subprocess.Popen(  # holds the lock exactly as a running `bench run --suite smoke` does
+        [sys.executable, "-c", "import sys, time; from bench import tracking\n"
+         "with tracking.run_lock(tracking.default_tracking_uri(), 'bench run --suite smoke'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        cwd=tmp_path, env={**__import__("os").environ, "BENCH_HOME": str(tmp_path / ".bench")},
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.strftime("%Y-%m-%d %H:")
+        code, out, err = run_cli(["run", "--suite", str(tmp_path / "good.yaml")], tmp_path, monkeypatch, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    text = " ".join(err.split())
+    assert code == 2, out + err
+    assert f"another bench run is using {tmp_path / '.bench'}: PID {holder.pid}, `bench run --suite smoke`, since "\
+        f"{started}" in text, text
+    assert "Traceback" not in err and not (tmp_path / ".bench" / "mlflow.db").exists()
+
+
+TWO_TABLES = GOOD.replace("    optimizers: [adamw]\n", "    table: plain\n    optimizers: [adamw]\n") + """\
+  - task: llm_pretrain
+    preset: smoke
+    table: galore
+    hparams: {lr: 1e-3}
+    optimizers: [galore_adamw]
+"""
+
+
+def test_only_checks_what_it_runs_and_a_missing_package_names_its_extra(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # this machine as if bitsandbytes were not installed
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    (tmp_path / "two.yaml").write_text(TWO_TABLES)
+    code, out, err = run_cli(["run", "--suite", str(tmp_path / "two.yaml"), "--only", "plain", "--dry-run"],
+                             tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["run", "--suite", str(tmp_path / "two.yaml"), "--dry-run"], tmp_path, monkeypatch,
+                             capsys)
+    text = " ".join(err.split())
+    assert code == 2, out + err
+    assert "two.yaml:12: experiments.1.optimizers.0: optimizer 'galore_adamw' is unavailable because the module(s) " \
+        "bitsandbytes are not installed; install it with: pip install 'bench[baselines]'" in text, text
+    assert "experiments.0" not in text

@@ -42,10 +42,20 @@ def runs_of(uri: str, experiment: str) -> list:
     return c.search_runs([exp.experiment_id]) if exp else []
 
 
-def trial_folder(b: Bench, suite: str, seed: int) -> Path:
+class TrialFolder:
+    """The checkpoint folder of a trial (named after its key and its child run, which the run creates)."""
+
+    def __init__(self, home: Path, key: str) -> None:
+        self.home, self.key = home, key
+
+    def __truediv__(self, name: str) -> Path:
+        found = sorted((self.home / "trials").glob(f"{self.key}-*"))
+        return (found[-1] if found else self.home / "trials" / f"{self.key}-none") / name
+
+
+def trial_folder(b: Bench, suite: str, seed: int) -> TrialFolder:
     _, trials = load_trials(suite)
-    key = next(s.key() for s in unique_specs(trials) if s.seed == seed)
-    return b.home / "trials" / key
+    return TrialFolder(b.home, next(s.key() for s in unique_specs(trials) if s.seed == seed))
 
 
 def wait_for(predicate, seconds: float, what: str) -> None:
@@ -57,7 +67,7 @@ def wait_for(predicate, seconds: float, what: str) -> None:
     raise TimeoutError(what)
 
 
-def checkpointed(folder: Path) -> bool:
+def checkpointed(folder: TrialFolder) -> bool:
     return (folder / "checkpoint.pt").exists() and (folder / "worker.pid").exists()
 
 
@@ -81,6 +91,9 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
         os.kill(int((folder / "worker.pid").read_text()), signal.SIGKILL)
         proc.wait(600)
     assert proc.returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "trial llm_pretrain/smoke adamw(lr=0.003) seed=0: worker died, retrying from step " in text, text[-3000:]
+    assert "ActorDiedError" not in text and "Traceback" not in text
     run = next(r for r in runs_of(b.uri, "bench-long") if r.data.tags.get("bench.role") == "trial")
     assert run.data.tags["bench.status"] == "finished"
     assert run.data.tags.get("bench.resumed_from_step") not in (None, "0")  # the retry started from the checkpoint

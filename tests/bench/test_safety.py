@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import tracking
 from bench.context import HarnessContext
 from tasks.base import LocalContext
 
@@ -45,12 +46,33 @@ class Payload:
     """Stands for arbitrary code a malicious checkpoint could carry."""
 
 
-@pytest.mark.parametrize("make", ["local", "harness"])
-def test_checkpoints_with_code_objects_are_refused(tmp_path, make):
+def test_checkpoints_with_code_objects_are_refused(tmp_path):
     torch.save({"step": 3, "payload": Payload()}, tmp_path / "checkpoint.pt")
-    if make == "local":
-        ctx = LocalContext(workdir=tmp_path)
-    else:
-        ctx = HarnessContext("sqlite:///unused.db", "run", tmp_path, seed=0, device="cpu", tune_report=False)
     with pytest.raises(pickle.UnpicklingError):
-        ctx.load_checkpoint()
+        LocalContext(workdir=tmp_path).load_checkpoint()
+
+
+def test_harness_sets_checkpoints_with_code_objects_aside(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    run_id = tracking.client(uri).create_run(tracking.experiment_id(uri, "safety")).info.run_id
+    (tmp_path / "trial").mkdir()
+    torch.save({"step": 3, "payload": Payload()}, tmp_path / "trial" / "checkpoint.pt")
+    ctx = HarnessContext(uri, run_id, tmp_path / "trial", seed=0, device="cpu", tune_report=False)
+    assert ctx.load_checkpoint() is None  # not unpickled: set aside, and the trial starts afresh
+    assert [p.name.split("-")[0] for p in (tmp_path / "trial").glob("checkpoint.pt.*")] == ["checkpoint.pt.unreadable"]
+
+
+def test_store_and_trial_files_are_the_users_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    uri = tracking.default_tracking_uri()
+    tracking.check_store(uri)
+    run_id = tracking.client(uri).create_run(tracking.experiment_id(uri, "safety")).info.run_id
+    trial = tmp_path / "home" / "trials" / "k"
+    ctx = HarnessContext(uri, run_id, trial, seed=0, device="cpu", tune_report=False)
+    ctx.report(1, loss=1.0)
+    ctx.save_checkpoint({"step": 1})
+    for path in (tmp_path / "home", tmp_path / "home" / "trials", trial):
+        assert path.stat().st_mode & 0o777 == 0o700, path
+    for path in (tmp_path / "home" / "mlflow.db", trial / "checkpoint.pt", trial / "written_steps.json"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
