@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table as RichTable
+from rich.text import Text
 
 from bench import tracking
 
@@ -32,6 +33,11 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 OutOpt = Annotated[Path, typer.Option("--out", help="folder for leaderboard tables and plots")]
 
 
+def say(text: str | Text, to: Console = console) -> None:
+    """Print text as it is: names, paths and values are never read as Rich markup or emoji codes."""
+    to.print(text if isinstance(text, Text) else Text(text), highlight=False)
+
+
 class UserError(Exception):
     """A problem with what the user asked for: reported as one paragraph, exit code 2, no traceback."""
 
@@ -46,8 +52,10 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks a
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("optimizers", "tasks", "bench"):
         logging.getLogger(name).setLevel(logging.INFO)
-    if not debug:
+    if not debug:  # the progress bar alone: MLflow's INFO lines and Ray's notes on token authentication go
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (trials too)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
 
 
 def _uri(uri: str | None) -> str:
@@ -92,21 +100,26 @@ def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_
         task = tasks.get_task(s.task)
         r = task.resources(task.Config(**s.config))
         resources[s.key()] = {"cpus": r.cpus, "gpus": r.gpus, "workers": r.workers}
-    opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"])
-    with TrialProgress(console, specs) as progress:
+    trial_tags: dict[str, dict[str, str]] = {}
+    for t in trials:  # a trial shown in several tables is named after the first
+        trial_tags.setdefault(t.key, tracking.trial_tags(t.table, t.row, t.spec))
+    opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"],
+                      trial_tags=trial_tags)
+    with TrialProgress(console, trials) as progress:
         summary = run_specs(specs, resources, experiment_name(suite_name), opts,
                             {"bench.suite": suite_name, "bench.command": command}, progress)
-    console.print(f"[bold]{suite_name}[/]: {len(summary.started)} trials run, {len(summary.skipped)} already done "
-                  f"(tracking: {uri}, parent run {summary.parent_run_id})")
+    parent = f", parent run {summary.parent_run_id}" if summary.parent_run_id else ""
+    say(Text.assemble((suite_name, "bold"), f": {len(summary.started)} trials run, {len(summary.skipped)} already "
+                      f"done (tracking: {uri}{parent})"))
     counts: dict[str, int] = {}
     for s in summary.statuses.values():
         counts[s] = counts.get(s, 0) + 1
     if counts:
-        console.print("statuses: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        say("statuses: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     text, files = leaderboard.write(trials, uri, experiment_name(suite_name), out / suite_name,
                                     parent_run_id=summary.parent_run_id)
-    console.print(text)
-    console.print(f"leaderboard written to {out / suite_name}/ ({len(files)} files)")
+    say(text)
+    say(f"leaderboard written to {out / suite_name}/ ({len(files)} files)")
     return 1 if counts.get("failed") else 0
 
 
@@ -185,7 +198,7 @@ def sweep(
     uri = _uri(tracking_uri)
     code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv))
     best = _best_lrs(grid_trials, uri, experiment_name(sweep_name))
-    console.print("best learning rates: " + ", ".join(f"{o}={v}" for o, v in best.items()))
+    say("best learning rates: " + ", ".join(f"{o}={v}" for o, v in best.items()))
     if not best:
         raise UserError("every grid trial failed or diverged: no best learning rate to re-run")
     final = Suite(name=sweep_name, experiments=[
@@ -266,7 +279,7 @@ def ui(
     uri = _uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise UserError(f"no tracking store at {uri}; run a suite first, e.g. `bench run --suite smoke`")
-    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
+    say(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--workers", "1"]
@@ -308,20 +321,20 @@ def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None
 
         for name in tasks.available():
             t = tasks.get_task(name)
-            console.print(f"{name}: metric {t.metric} ({t.mode}); presets: {', '.join(t.presets)}")
+            say(f"{name}: metric {t.metric} ({t.mode}); presets: {', '.join(t.presets)}")
     elif what is What.optimizers:
         import optimizers
 
         for name in optimizers.available():
             spec = optimizers.spec(name)
-            console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}")
-        console.print("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
+            say(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}")
+        say("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
     else:
         from bench.suite import available, load
 
         for name in available():
             s, _, _ = load(name)
-            console.print(f"{name}: {s.description.strip().splitlines()[0] if s.description else ''}")
+            say(f"{name}: {s.description.strip().splitlines()[0] if s.description else ''}")
 
 
 def main() -> None:
@@ -340,7 +353,7 @@ def main() -> None:
         if STATE["debug"]:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        err.print(f"[bold red]error:[/] {msg}", highlight=False)
+        say(Text.assemble(("error:", "bold red"), f" {msg}"), to=err)
         sys.exit(2)
     except Exception as exc:  # usage errors of typer's command-line parser: its own message, exit code 2
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):

@@ -149,6 +149,8 @@ def _where(path: Path, root: yaml.Node | None, loc: Iterable[Any]) -> str:
     loc = list(loc)
     line = _line_of(root, loc)
     field_name = ".".join(str(p) for p in loc) or "(top level)"
+    if root is None:  # not from a file: no line to name
+        return f"{path}: {field_name}"
     return f"{path}:{line or '?'}: {field_name}"
 
 
@@ -337,9 +339,21 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
 
 
 def load_trials(name_or_path: str, sets: dict[str, Any] | None = None) -> tuple[Suite, list[Trial]]:
+    """The suite's trials with `--set` overrides applied; an error the overrides cause names them, not the file."""
     suite, path, root = load(name_or_path)
-    suite = apply_sets(suite, sets or {})
-    return suite, expand(suite, path, root)
+    if not sets:
+        return suite, expand(suite, path, root)
+    changed = apply_sets(suite, sets)
+    try:
+        return changed, expand(changed, path, root)
+    except SuiteError:
+        expand(suite, path, root)  # the file's own problems are reported at its lines
+        flags = " ".join(f"--set {k}={v}" for k, v in sets.items())
+        try:
+            expand(changed, Path(flags), None)
+        except SuiteError as exc:
+            raise SuiteError(f"{exc.args[0]}\n  ({path.name} is valid without {flags})") from None
+        raise
 
 
 def unique_specs(trials: list[Trial]) -> list[TrialSpec]:
