@@ -189,24 +189,55 @@ def sweep(
 
     lrs = _floats(lr, "--lr")
     opts = [o.strip() for o in optimizer.split(",") if o.strip()]
-    sweep_name = name or f"sweep-{task}-{preset}"
     sets = parse_sets(set_ or [])
-    grid = Suite(name=sweep_name, experiments=[Experiment(
+    sweep_name = name or _sweep_name(task, preset, opts, lrs, seeds, sets)
+    grid = apply_sets(Suite(name=sweep_name, experiments=[Experiment(
         task=task, preset=preset, table=f"{sweep_name}-grid", column=preset, hparams={"lr": lrs},
-        optimizers=opts, seeds=[0])])
-    grid_trials = expand(apply_sets(grid, sets))
+        optimizers=opts, seeds=[0])]), sets)
+    grid_trials = expand(grid)
+    _save_sweep(grid, out)
     uri = _uri(tracking_uri)
     code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv))
     best = _best_lrs(grid_trials, uri, experiment_name(sweep_name))
     say("best learning rates: " + ", ".join(f"{o}={v}" for o, v in best.items()))
     if not best:
         raise UserError("every grid trial failed or diverged: no best learning rate to re-run")
-    final = Suite(name=sweep_name, experiments=[
+    final = apply_sets(Suite(name=sweep_name, experiments=[
         Experiment(task=task, preset=preset, table=f"{sweep_name}-best", column=f"{preset} lr={lr_}",
-                   hparams={"lr": lr_}, optimizers=[o], seeds=seeds) for o, lr_ in best.items()])
-    trials = grid_trials + expand(apply_sets(final, sets))
+                   hparams={"lr": lr_}, optimizers=[o], seeds=seeds) for o, lr_ in best.items()]), sets)
+    trials = grid_trials + expand(final)
+    _save_sweep(grid.model_copy(update={"experiments": grid.experiments + final.experiments}), out)
     code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv)))
     raise typer.Exit(code)
+
+
+def _sweep_name(task: str, preset: str, optimizers: list[str], lrs: list[float], seeds: int,
+                sets: dict[str, Any]) -> str:
+    """`sweep-TASK-PRESET-HASH`: sweeps over other optimizers, rates, seeds or settings keep their own results."""
+    import hashlib
+    import json
+
+    body = json.dumps([sorted(optimizers), sorted(lrs), seeds, sets], sort_keys=True, default=str)
+    return f"sweep-{task}-{preset}-{hashlib.sha256(body.encode()).hexdigest()[:6]}"
+
+
+SWEEP_SUITE = "suite.yaml"  # a sweep's suite, saved beside its results so `bench leaderboard --suite NAME` finds it
+
+
+def _save_sweep(suite: Any, out: Path) -> None:
+    import yaml
+
+    folder = out / suite.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SWEEP_SUITE).write_text(yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False))
+
+
+def _suite_ref(name: str, out: Path) -> str:
+    """A suite name or path as `load_trials` takes it: a sweep's name becomes the suite file saved with its results."""
+    from bench.suite import available
+
+    saved = out / name / SWEEP_SUITE
+    return str(saved) if name not in available() and saved.exists() else name
 
 
 def _best_lrs(trials: list[Any], uri: str, experiment: str) -> dict[str, float]:
@@ -248,18 +279,22 @@ def leaderboard_cmd(
 
     uri = _uri(tracking_uri)
     tracking.check_reachable(uri)
+    sweeps = sorted(p.parent.name for p in out.glob(f"*/{SWEEP_SUITE}"))
     names = [suite] if suite else [
-        n for n in available() if _store_has(uri, experiment_name(n))
+        n for n in available() + sweeps if _store_has(uri, experiment_name(n))
     ]
     if not names:
         raise UserError(f"no suite has runs in {uri}; run one first, e.g. `bench run --suite smoke`")
-    for n in names:
-        s, trials = load_trials(n, parse_sets(set_ or []))
+    for i, n in enumerate(names):
+        s, trials = load_trials(_suite_ref(n, out), parse_sets(set_ or []))
         if not _store_has(uri, experiment_name(s.name)):
             raise UserError(f"suite {s.name!r} has no runs in {uri}; run it first: bench run --suite {n}")
         text, files = leaderboard.write(trials, uri, experiment_name(s.name), out / s.name, fmt=fmt.value)
-        console.print(text)
-        console.print(f"written to {out / s.name}/ ({len(files)} files)")
+        if fmt is Format.csv:  # stdout holds one long-format CSV and nothing else
+            sys.stdout.write(text if i == 0 else text.split("\n", 1)[1])
+        else:
+            say(text)
+        say(f"written to {out / s.name}/ ({len(files)} files)", to=err if fmt is Format.csv else console)
 
 
 def _store_has(uri: str, experiment: str) -> bool:

@@ -211,11 +211,13 @@ def test_sweep_grid_then_best_lr_over_seeds(bench):
                    "--seeds", "2", "--set", "task.steps=12", "--set", "task.eval_every=6")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "best learning rates: adamw=" in " ".join(result.stdout.split())
-    runs = trial_runs(bench.uri, "bench-sweep-llm_pretrain-smoke")
+    (out,) = (bench.root / "results").glob("sweep-llm_pretrain-smoke-*")  # named with a hash of what it sweeps
+    runs = trial_runs(bench.uri, f"bench-{out.name}")
     assert len(runs) == 4 + 2  # the grid, then seed 1 of each best lr (seed 0 is the grid's own trial)
     for opt in ("adamw", "spam"):
         best = [r for r in runs if r.data.tags["bench.optimizer"] == opt and r.data.tags["bench.seed"] == "1"]
         assert len(best) == 1
-    out = bench.root / "results" / "sweep-llm_pretrain-smoke"
-    assert (out / "sweep-llm_pretrain-smoke-grid_lr_sweep.png").exists()
-    assert "±" in (out / "sweep-llm_pretrain-smoke-best.md").read_text()  # mean ± spread over the 2 seeds
+    assert (out / f"{out.name}-grid_lr_sweep.png").exists()
+    assert "±" in (out / f"{out.name}-best.md").read_text()  # mean ± spread over the 2 seeds
+    again = bench("leaderboard", "--suite", out.name)  # a sweep's results can be printed again by its name
+    assert again.returncode == 0 and f"{out.name}-best" in again.stdout, again.stderr
