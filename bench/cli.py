@@ -108,6 +108,8 @@ def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_
     with TrialProgress(console, trials) as progress:
         summary = run_specs(specs, resources, experiment_name(suite_name), opts,
                             {"bench.suite": suite_name, "bench.command": command}, progress)
+    metrics = list(dict.fromkeys(tasks.get_task(s.task).metric for s in specs))
+    tracking.set_leaderboard_view(uri, summary.experiment_id, metrics, tasks.get_task(specs[0].task).mode == "min")
     parent = f", parent run {summary.parent_run_id}" if summary.parent_run_id else ""
     say(Text.assemble((suite_name, "bold"), f": {len(summary.started)} trials run, {len(summary.skipped)} already "
                       f"done (tracking: {uri}{parent})"))
@@ -314,7 +316,9 @@ def ui(
     uri = _uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise UserError(f"no tracking store at {uri}; run a suite first, e.g. `bench run --suite smoke`")
-    say(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
+    say(f"MLflow UI for {uri} on http://{host}:{port}/#/experiments?{tracking.UI_QUERY} (Ctrl-C to stop)")
+    for link in tracking.leaderboard_links(uri, f"http://{host}:{port}"):
+        say(f"leaderboard of {link}")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--workers", "1"]

@@ -88,6 +88,39 @@ def experiment_id(uri: str, name: str) -> str:
     return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
+LEADERBOARD_VIEW = "leaderboard"  # the MLflow UI opens it at /#/experiments/ID/runs?viewStateShareKey=leaderboard
+UI_QUERY = "workflowType=machine_learning"  # MLflow 3's model-training pages (its UI starts in GenAI mode)
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's experiment tag for a saved runs-page view
+
+
+def set_leaderboard_view(uri: str, exp_id: str, metrics: list[str], lower_is_better: bool) -> None:
+    """Save a runs-page view in the experiment: trial runs grouped by table, label and lr with the mean of the
+    headline metrics (`final.<metric>`), sorted by the first; and describe it on the experiment page."""
+    columns = [f"tags.`bench.{k}`" for k in ("table", "label", "optimizer", "status")]
+    columns += ["params.`hparams.lr`", "params.`seed`"] + [f"metrics.`final.{m}`" for m in metrics]
+    view = {
+        "searchFilter": f"tags.`{KEY_TAG}` != ''", "orderByKey": f"metrics.`final.{metrics[0]}`",
+        "orderByAsc": lower_is_better, "selectedColumns": columns,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [
+            {"mode": "tag", "groupByData": "bench.table"}, {"mode": "tag", "groupByData": "bench.label"},
+            {"mode": "param", "groupByData": "hparams.lr"}]},
+    }
+    c = client(uri)
+    retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(view)))
+    note = (f"Leaderboard: add `&viewStateShareKey={LEADERBOARD_VIEW}` to this page's address (`bench ui` prints "
+            "the link) for the trials grouped by table, row label and learning rate, with the mean of "
+            + ", ".join(f"`final.{m}`" for m in metrics) + " over seeds. Each parent run holds the leaderboard "
+            "tables as artifacts (`leaderboard/`).")
+    retry(lambda: c.set_experiment_tag(exp_id, "mlflow.note.content", note))
+
+
+def leaderboard_links(uri: str, base: str) -> list[str]:
+    """`experiment: link` for every experiment of the store that has a leaderboard view."""
+    c = client(uri)
+    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={LEADERBOARD_VIEW}"
+            for e in c.search_experiments() if SHARED_VIEW_TAG + LEADERBOARD_VIEW in e.tags]
+
+
 def git_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:

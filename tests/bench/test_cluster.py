@@ -50,6 +50,7 @@ def test_cluster_started_with_ray_defaults(bench):
     c = MlflowClient(bench.uri)
     exp = c.get_experiment_by_name("bench-tiny")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's model-training view
+    assert "mlflow.sharedViewState.leaderboard" in exp.tags  # the leaderboard view of the runs page
     (trial,) = c.search_runs([exp.experiment_id], "tags.`bench.role` = 'trial'")
     assert trial.info.run_name == "tiny_table adam lr=0.001 seed=0"
     assert trial.data.tags["bench.table"] == "tiny_table" and trial.data.tags["bench.label"] == "adam"
