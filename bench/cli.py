@@ -36,6 +36,11 @@ AddOpt = Annotated[list[str] | None, typer.Option(
     "bench.optimizers or module:Class; values as in a suite (a list is a grid axis)")]
 
 
+def say(text: str | Text, to: Console = console) -> None:
+    """Print text as it is: names, paths and values are never read as Rich markup or emoji codes."""
+    to.print(text if isinstance(text, Text) else Text(text), highlight=False)
+
+
 class UserError(Exception):
     """A problem with what the user asked for: reported as one paragraph, exit code 2, no traceback."""
 
@@ -50,8 +55,10 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks a
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("optimizers", "tasks", "bench"):
         logging.getLogger(name).setLevel(logging.INFO)
-    if not debug:
+    if not debug:  # the progress bar alone: MLflow's INFO lines and Ray's notes on token authentication go
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (trials too)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
 
 
 def _uri(uri: str | None) -> str:
@@ -97,16 +104,23 @@ def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_
         task = tasks.get_task(s.task)
         r = task.resources(task.Config(**s.config))
         resources[s.key()] = {"cpus": r.cpus, "gpus": r.gpus, "workers": r.workers}
-    opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"])
-    with TrialProgress(console, specs) as progress:
+    trial_tags: dict[str, dict[str, str]] = {}
+    for t in trials:  # a trial shown in several tables is named after the first
+        trial_tags.setdefault(t.key, tracking.trial_tags(t.table, t.row, t.spec))
+    opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"],
+                      trial_tags=trial_tags)
+    with TrialProgress(console, trials) as progress:
         summary = run_specs(specs, resources, experiment_name(suite_name), opts,
                             {"bench.suite": suite_name, "bench.command": command}, progress)
-    console.print(f"[bold]{suite_name}[/]: {len(summary.started)} trials run, {len(summary.skipped)} already done "
-                  f"(tracking: {uri}, parent run {summary.parent_run_id})")
+    metrics = list(dict.fromkeys(tasks.get_task(s.task).metric for s in specs))
+    tracking.set_leaderboard_view(uri, summary.experiment_id, metrics, tasks.get_task(specs[0].task).mode == "min")
+    parent = f", parent run {summary.parent_run_id}" if summary.parent_run_id else ""
+    say(Text.assemble((suite_name, "bold"), f": {len(summary.started)} trials run, {len(summary.skipped)} already "
+                      f"done (tracking: {uri}{parent})"))
     text, files = leaderboard.write(trials, uri, experiment_name(suite_name), tracking.inside(out, suite_name),
                                     parent_run_id=summary.parent_run_id)
-    console.print(text)
-    console.print(f"leaderboard written to {out / suite_name}/ ({len(files)} files)")
+    say(text)
+    say(f"leaderboard written to {out / suite_name}/ ({len(files)} files)")
     return _report_outcome(summary, specs)
 
 
@@ -114,20 +128,18 @@ def _report_outcome(summary: Any, specs: list[Any]) -> int:
     """Statuses, resumed and unfinished trials; the exit code: 130 when interrupted, 1 when a trial failed."""
     labels = {s.key(): s.label() for s in specs}
     for key, step in summary.resumed.items():
-        console.print(f"resumed {labels[key]} from step {step}", highlight=False, markup=False)
+        say(f"resumed {labels[key]} from step {step}")
     for key, message in summary.set_aside.items():
-        err.print(f"warning: {labels[key]}: {message}", highlight=False, markup=False)
+        say(f"warning: {labels[key]}: {message}", to=err)
     counts: dict[str, int] = {}
     for s in summary.statuses.values():
         counts[s] = counts.get(s, 0) + 1
     if counts:
-        console.print("statuses: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        say("statuses: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     for key, error in summary.errors.items():
-        err.print(f"{summary.statuses[key]}: {labels[key]}: {tracking.short(error, 300)}", highlight=False,
-                  markup=False)
+        say(f"{summary.statuses[key]}: {labels[key]}: {tracking.short(error, 300)}", to=err)
     if counts.get("interrupted"):
-        err.print(f"interrupted: {counts['interrupted']} trials resumable — run the same command to resume",
-                  highlight=False, markup=False)
+        say(f"interrupted: {counts['interrupted']} trials resumable — run the same command to resume", to=err)
         return 130
     return 1 if counts.get("failed") else 0
 
@@ -192,24 +204,26 @@ def sweep(
 
     opts = [o.strip() for o in optimizer.split(",") if o.strip()]
     lrs = sweep_lrs(opts, lr)
-    sweep_name = name or f"sweep-{task}-{preset}"
     sets = parse_sets(set_ or [])
-    grid = Suite(name=sweep_name, experiments=[Experiment(
+    sweep_name = name or _sweep_name(task, preset, opts, lrs, seeds, sets)
+    grid = apply_sets(Suite(name=sweep_name, experiments=[Experiment(
         task=task, preset=preset, table=f"{sweep_name}-grid", column=preset, hparams={"lr": lrs[o]},
-        optimizers=[o], seeds=[0]) for o in opts])
-    grid_trials = expand(apply_sets(grid, sets))
+        optimizers=[o], seeds=[0]) for o in opts]), sets)
+    grid_trials = expand(grid)
+    _save_sweep(grid, out)
     uri = _uri(tracking_uri)
     code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv))
     if code == 130:
         raise typer.Exit(code)
     best = _best_lrs(grid_trials, uri, experiment_name(sweep_name))
-    console.print("best learning rates: " + ", ".join(f"{o}={v}" for o, v in best.items()))
+    say("best learning rates: " + ", ".join(f"{o}={v}" for o, v in best.items()))
     if not best:
         raise UserError("every grid trial failed or diverged: no best learning rate to re-run")
-    final = Suite(name=sweep_name, experiments=[
+    final = apply_sets(Suite(name=sweep_name, experiments=[
         Experiment(task=task, preset=preset, table=f"{sweep_name}-best", column=f"{preset} lr={lr_}",
-                   hparams={"lr": lr_}, optimizers=[o], seeds=seeds) for o, lr_ in best.items()])
-    trials = grid_trials + expand(apply_sets(final, sets))
+                   hparams={"lr": lr_}, optimizers=[o], seeds=seeds) for o, lr_ in best.items()]), sets)
+    trials = grid_trials + expand(final)
+    _save_sweep(grid.model_copy(update={"experiments": grid.experiments + final.experiments}), out)
     code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv)))
     raise typer.Exit(code)
 
@@ -223,6 +237,35 @@ def sweep_lrs(opts: list[str], lr: str | None) -> dict[str, list[float]]:
         return {o: _floats(lr, "--lr") if lr else lr_grid(o) or _floats(DEFAULT_LRS, "--lr") for o in opts}
     except OptimizerConfigError as exc:
         raise UserError(f"--optimizer {','.join(opts)!r}: {exc}") from None
+
+
+def _sweep_name(task: str, preset: str, optimizers: list[str], lrs: dict[str, list[float]], seeds: int,
+                sets: dict[str, Any]) -> str:
+    """`sweep-TASK-PRESET-HASH`: sweeps over other optimizers, rates, seeds or settings keep their own results."""
+    import hashlib
+    import json
+
+    body = json.dumps([sorted(optimizers), lrs, seeds, sets], sort_keys=True, default=str)
+    return f"sweep-{task}-{preset}-{hashlib.sha256(body.encode()).hexdigest()[:6]}"
+
+
+SWEEP_SUITE = "suite.yaml"  # a sweep's suite, saved beside its results so `bench leaderboard --suite NAME` finds it
+
+
+def _save_sweep(suite: Any, out: Path) -> None:
+    import yaml
+
+    folder = out / suite.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SWEEP_SUITE).write_text(yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False))
+
+
+def _suite_ref(name: str, out: Path) -> str:
+    """A suite name or path as `load_trials` takes it: a sweep's name becomes the suite file saved with its results."""
+    from bench.suite import available
+
+    saved = out / name / SWEEP_SUITE
+    return str(saved) if name not in available() and saved.exists() else name
 
 
 def _best_lrs(trials: list[Any], uri: str, experiment: str) -> dict[str, float]:
@@ -265,18 +308,23 @@ def leaderboard_cmd(
 
     uri = _uri(tracking_uri)
     tracking.check_reachable(uri)
+    sweeps = sorted(p.parent.name for p in out.glob(f"*/{SWEEP_SUITE}"))
     names = [suite] if suite else [
-        n for n in available() if _store_has(uri, experiment_name(n))
+        n for n in available() + sweeps if _store_has(uri, experiment_name(n))
     ]
     if not names:
         raise UserError(f"no suite has runs in {uri}; run one first, e.g. `bench run --suite smoke`")
-    for n in names:
-        s, trials = load_trials(n, parse_sets(set_ or []), add_optimizer)
+    for i, n in enumerate(names):
+        s, trials = load_trials(_suite_ref(n, out), parse_sets(set_ or []), add_optimizer)
         if not _store_has(uri, experiment_name(s.name)):
             raise UserError(f"suite {s.name!r} has no runs in {uri}; run it first: bench run --suite {n}")
-        text, files = leaderboard.write(trials, uri, experiment_name(s.name), out / s.name, fmt=fmt.value)
-        console.print(text)
-        console.print(f"written to {out / s.name}/ ({len(files)} files)")
+        text, files = leaderboard.write(trials, uri, experiment_name(s.name), tracking.inside(out, s.name),
+                                        fmt=fmt.value)
+        if fmt is Format.csv:  # stdout holds one long-format CSV and nothing else
+            sys.stdout.write(text if i == 0 else text.split("\n", 1)[1])
+        else:
+            say(text)
+        say(f"written to {out / s.name}/ ({len(files)} files)", to=err if fmt is Format.csv else console)
 
 
 def _store_has(uri: str, experiment: str) -> bool:
@@ -296,7 +344,9 @@ def ui(
     uri = _uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise UserError(f"no tracking store at {uri}; run a suite first, e.g. `bench run --suite smoke`")
-    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
+    say(f"MLflow UI for {uri} on http://{host}:{port}/#/experiments?{tracking.UI_QUERY} (Ctrl-C to stop)")
+    for link in tracking.leaderboard_links(uri, f"http://{host}:{port}"):
+        say(f"leaderboard of {link}")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--workers", "1"]
@@ -342,24 +392,23 @@ def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None
 
         for name in tasks.available():
             t = tasks.get_task(name)
-            console.print(f"{name}: metric {t.metric} ({t.mode}); presets: {', '.join(t.presets)}")
+            say(f"{name}: metric {t.metric} ({t.mode}); presets: {', '.join(t.presets)}")
     elif what is What.optimizers:
         import optimizers
 
         for name in optimizers.available():
             spec = optimizers.spec(name)
-            console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}", markup=False)
-        console.print("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
+            say(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}")
+        say("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
         for name, ep in optimizers.plugins.installed().items():
-            console.print(f"{name} [entry point {ep.value}" + (f" of {ep.dist.name}" if ep.dist else "") + "]",
-                          markup=False)
-        console.print("your own: module:Class or module:factory, or an entry point of group bench.optimizers")
+            say(f"{name} [entry point {ep.value}" + (f" of {ep.dist.name}" if ep.dist else "") + "]")
+        say("your own: module:Class or module:factory, or an entry point of group bench.optimizers")
     else:
         from bench.suite import available, load
 
         for name in available():
             s, _, _ = load(name)
-            console.print(f"{name}: {s.description.strip().splitlines()[0] if s.description else ''}")
+            say(f"{name}: {s.description.strip().splitlines()[0] if s.description else ''}")
 
 
 def main() -> None:
@@ -385,7 +434,7 @@ def main() -> None:
         if STATE["debug"]:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        err.print(Text("error: ", style="bold red") + Text(msg), highlight=False)  # user text: no markup
+        say(Text.assemble(("error:", "bold red"), f" {msg}"), to=err)
         sys.exit(2)
     except Exception as exc:  # usage errors of typer's command-line parser: its own message, exit code 2
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):

@@ -87,6 +87,17 @@ class Table:
     # The task's `paper_metric` where it differs from `metric` (the papers' estimator), shown beside ours, labelled.
     estimates: dict[tuple[str, str], Cell] = field(default_factory=dict)
     data: str = ""
+    notes: list[str] = field(default_factory=list)  # scale, model, and why a paper comparison is not like for like
+
+    def best(self) -> set[tuple[str, str]]:
+        """The (row, column) cells with the best value of their column (all of them on a tie)."""
+        marked = set()
+        for col in self.columns:
+            centers = {r: c for r in self.rows if (c := self.cells.get((r, col), Cell()).center()) is not None}
+            if len(centers) > 1:
+                top = (min if self.mode == "min" else max)(centers.values())
+                marked |= {(r, col) for r, c in centers.items() if c == top}
+        return marked
 
     def header(self) -> list[str]:
         head = ["optimizer"]
@@ -98,12 +109,15 @@ class Table:
                 head.append(f"{col} (paper)")
         return head + ["seeds"]
 
-    def body(self) -> list[list[str]]:
+    def body(self, mark: str = "") -> list[list[str]]:
+        """Rows of text cells; the best cell of each column is wrapped in `mark` (e.g. `**` for bold)."""
+        best = self.best() if mark else set()
         out = []
         for row in self.rows:
             line = [row]
             for col in self.columns:
-                line.append(self.cells.get((row, col), Cell()).text())
+                text = self.cells.get((row, col), Cell()).text()
+                line.append(f"{mark}{text}{mark}" if (row, col) in best else text)
                 if self.estimates:
                     line.append(self.estimates.get((row, col), Cell()).text())
                 if any((r, col) in self.paper for r in self.rows):
@@ -115,15 +129,35 @@ class Table:
 
     def markdown(self) -> str:
         head = self.header()
-        title = f"### {self.name} — {self.metric} ({'lower' if self.mode == 'min' else 'higher'} is better)"
+        title = (f"### {self.name} — {self.metric} ({'lower' if self.mode == 'min' else 'higher'} is better; "
+                 "best of each column in bold)")
         if self.estimates:
             title += ("; ours exact, beside it the papers' estimator on the same batches, the one the papers' "
                       "numbers are compared with")
         lines = [title, ""]
+        lines += [f"{n}  " for n in self.notes] + ([""] if self.notes else [])
         lines += [self.data, ""] if self.data else []
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in self.body()]
+        lines += ["| " + " | ".join(r) + " |" for r in self.body(mark="**")]
         return "\n".join(lines)
+
+    def long_rows(self) -> list[dict[str, Any]]:
+        """One record per cell (ours and the paper's), for the long-format CSV."""
+        best = self.best()
+        out = []
+        for row in self.rows:
+            for col in self.columns:
+                cell = self.cells.get((row, col), Cell())
+                center = cell.center()
+                out.append({"table": self.name, "metric": self.metric, "mode": self.mode, "source": "ours",
+                            "row": row, "column": col, "value": "" if center is None else center,
+                            "text": cell.text(), "seeds": cell.seeds, "diverged": cell.diverged,
+                            "best": int((row, col) in best)})
+                if (row, col) in self.paper:
+                    value = self.paper[(row, col)]
+                    out.append({"table": self.name, "metric": self.metric, "mode": self.mode, "source": "paper",
+                                "row": row, "column": col, "value": value, "text": _fmt(value)})
+        return out
 
     def csv(self) -> str:
         import csv
@@ -175,8 +209,9 @@ def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
                 for c in columns:
                     if c == col or c.startswith(f"{col} "):
                         paper[(row, c)] = value
+        notes = provenance(members, runs, compared=bool(paper))
         tables.append(Table(name, metric, task.mode, rows, columns, cells, paper, estimates,
-                            data_statement(members, runs)))
+                            data_statement(members, runs), notes))
     return tables
 
 
@@ -208,6 +243,43 @@ def data_statement(trials: list[Trial], runs: dict[str, Any]) -> str:
         flag = " — **MULTI-EPOCH: more than one pass**" if multi else ""
         parts.append(f"{source} ({size}), {passes} passes{flag}")
     return "Data: " + "; ".join(parts) if parts else ""
+
+
+def _model_of(trial: Trial, tags: dict[str, str]) -> str:
+    """What model a trial trained, from what its run recorded (or its config when it recorded nothing)."""
+    if tags.get("model_source"):
+        pretrained = {"true": "pretrained", "false": "randomly initialised"}.get(tags.get("model_pretrained", ""))
+        return tags["model_source"] + (f" ({pretrained})" if pretrained else "")
+    if tags.get("forecasting_model"):
+        return f"{tags['forecasting_model']} trained from scratch"
+    cfg = trial.spec.config
+    if "model_size" in cfg:
+        return f"LLaMA-{cfg['model_size']} trained from scratch"
+    if "algo" in cfg:
+        return f"{str(cfg['algo']).upper()} policy trained from scratch"
+    return "not recorded"
+
+
+def provenance(members: list[Trial], runs: dict[str, Any], compared: bool) -> list[str]:
+    """What a table's numbers are: the scale (presets) and model of its trials and, when it has a paper column,
+    why that comparison is not like for like (a scaled-down preset, fallback data, a model that is not pretrained)."""
+    presets = list(dict.fromkeys(t.spec.preset for t in members))
+    tags = {t.key: runs[t.key].data.tags for t in members if t.key in runs}
+    models = list(dict.fromkeys(_model_of(t, tags.get(t.key, {})) for t in members))
+    notes = [f"Scale: preset {', '.join(presets)}. Model: {'; '.join(models)}."]
+    if not compared:
+        return notes
+    reasons = []
+    scaled = [p for p in presets if not p.startswith("paper")]
+    if scaled:
+        reasons.append(f"preset {', '.join(scaled)} is scaled down from the papers' runs")
+    if any(tg.get("data_fallback") == "true" for tg in tags.values()):
+        reasons.append("fallback data stood in for the papers' data sets")
+    if any(tg.get("model_pretrained") == "false" for tg in tags.values()):
+        reasons.append("the model was randomly initialised, where the papers fine-tune a pretrained one")
+    if reasons:
+        notes.append("Not like for like with the (paper) columns: " + "; ".join(reasons) + ".")
+    return notes
 
 
 def plot_curves(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) -> list[Path]:
@@ -359,7 +431,8 @@ def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = 
     runs = tracking.trial_runs(uri, exp.experiment_id) if exp else {}
     tables = build_tables(trials, runs)
     out.mkdir(parents=True, exist_ok=True)
-    text = "\n\n".join(t.markdown() if fmt == "md" else f"# {t.name}\n{t.csv()}" for t in tables)
+    text = "\n\n".join(t.markdown() for t in tables)
+    records = [r for t in tables for r in t.long_rows()]
     files = []
     for t in tables:
         (out / f"{t.name}.md").write_text(t.markdown() + "\n")
@@ -370,6 +443,7 @@ def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = 
         extra = steps_to_reach(name, trials, runs, uri)
         if extra:
             sections.append(extra)
+            records += markdown_records(extra)
             (out / f"{name}_steps_to_adam.md").write_text(extra + "\n")
             files.append(out / f"{name}_steps_to_adam.md")
             if fmt == "md":
@@ -378,15 +452,65 @@ def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = 
 
     for section in analyses.run_analyses(trials, runs, uri, out):  # tables named spikes_*, memory_*, ...
         sections.append(section.markdown)
+        records += markdown_records(section.markdown)
         files += section.files
         if fmt == "md":
             text += "\n\n" + section.markdown
     (out / "leaderboard.md").write_text("\n\n".join(sections) + "\n")
-    files.append(out / "leaderboard.md")
+    long_csv = long_format_csv(experiment, records)
+    (out / "leaderboard.csv").write_text(long_csv)
+    files += [out / "leaderboard.md", out / "leaderboard.csv"]
+    if fmt == "csv":
+        text = long_csv
     plain = [t for t in tables if analyses.analysis_for(t.name) is None]  # analyses draw their own sweeps
     files += plot_curves(trials, runs, uri, out) + plot_sweeps(plain, out)
     if parent_run_id:
         c = tracking.client(uri)
         for f in files:
             tracking.retry(lambda f=f: c.log_artifact(parent_run_id, str(f), "leaderboard"))
+        for t in tables:  # MLflow shows these as sortable tables in the run's artifacts
+            data = dict(zip(t.header(), map(list, zip(*t.body(), strict=True)), strict=True))
+            tracking.retry(lambda t=t, data=data: c.log_table(parent_run_id, data, f"leaderboard/{t.name}.json"))
     return text, files
+
+
+LONG_COLUMNS = ("experiment", "table", "metric", "mode", "source", "row", "column", "value", "text", "seeds",
+                "diverged", "best")
+
+
+def long_format_csv(experiment: str, records: list[dict[str, Any]], header: bool = True) -> str:
+    """Every table in one CSV, one line per cell: ours (`source` ours, `best` 1 for the best of its column), the
+    papers' (`source` paper) and the analyses' (`source` analysis, their cell text in `text`)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, LONG_COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows({"experiment": experiment, **r} for r in records)
+    return buf.getvalue()
+
+
+def markdown_records(markdown: str) -> list[dict[str, Any]]:
+    """The cells of the markdown tables in a section (an analysis or the steps-to-reach table) as long records."""
+    records: list[dict[str, Any]] = []
+    title, head = "", []
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            title, head = line.lstrip("# ").split(" — ")[0], []
+        elif line.startswith("|") and not set(line) <= set("|-: "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not head:
+                head = cells
+                continue
+            for col, text in zip(head[1:], cells[1:], strict=False):
+                try:
+                    value: Any = float(text)
+                except ValueError:
+                    value = ""
+                records.append({"table": title, "source": "analysis", "row": cells[0], "column": col,
+                                "value": value, "text": text})
+        elif not line.strip():
+            head = []
+    return records

@@ -7,23 +7,32 @@ from typing import Any
 from ray.tune import Callback
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
-from bench.spec import TrialSpec
+from bench import tracking
+from bench.suite import Trial
 
 
 class TrialProgress(Callback):
-    """Counts finished trials and shows the latest step and loss of the running ones."""
+    """Counts finished trials, shows the latest step and loss of the running ones, and prints one line per finished
+    trial: its table, row label, learning rate, seed and headline metric."""
 
-    def __init__(self, console: Console, specs: list[TrialSpec]) -> None:
-        self._labels = {s.key(): f"{s.task}:{s.optimizer} seed {s.seed}" for s in specs}
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    def __init__(self, console: Console, trials: list[Trial]) -> None:
+        import tasks
+
+        self._labels: dict[str, str] = {}
+        self._metrics: dict[str, str] = {}
+        for t in trials:  # a trial shown in several tables is named after the first
+            self._labels.setdefault(t.key, tracking.trial_name(t.table, t.row, t.spec))
+            self._metrics.setdefault(t.key, tasks.get_task(t.spec.task).metric)
+        self._progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), console=console, transient=False)
-        self._bar = self._progress.add_task("trials", total=len(specs))
+        self._bar = self._progress.add_task("trials", total=len(self._labels))
         self._latest: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Ray Tune pickles its callbacks with the experiment state; the live display stays in the driver."""
-        return {"_labels": self._labels, "_latest": {}}
+        return {"_labels": self._labels, "_metrics": self._metrics, "_latest": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -44,6 +53,12 @@ class TrialProgress(Callback):
         running = "; ".join(list(self._latest.values())[-3:])
         self._progress.update(self._bar, description=f"trials {running}" if running else "trials")
 
+    def _finish(self, key: str, line: Text) -> None:
+        self._latest.pop(key, None)
+        self._progress.console.print(line)  # a Text: names and values are never read as markup or emoji codes
+        self._progress.advance(self._bar)
+        self._refresh()
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         key = self._key(trial)
         loss = result.get("loss", result.get("train_loss"))
@@ -53,14 +68,15 @@ class TrialProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = self._key(trial)
-        self._latest.pop(key, None)
-        self._progress.console.log(f"done: {self._labels.get(key, key)}")
-        self._progress.advance(self._bar)
-        self._refresh()
+        result = trial.last_result or {}
+        status = result.get("bench_status", "finished")
+        metric = self._metrics.get(key, "")
+        value = result.get(f"final.{metric}".replace("/", "."))
+        done = status == "finished"
+        score = f": {metric} {value:.4g}" if isinstance(value, (int, float)) and done else ""
+        self._finish(key, Text.assemble(("done: " if done else f"{status}: ", "green" if done else "yellow"),
+                                        self._labels.get(key, key) + score))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = self._key(trial)
-        self._latest.pop(key, None)
-        self._progress.console.log(f"[red]failed[/]: {self._labels.get(key, key)}")
-        self._progress.advance(self._bar)
-        self._refresh()
+        self._finish(key, Text.assemble(("failed: ", "red"), self._labels.get(key, key)))

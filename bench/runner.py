@@ -42,11 +42,12 @@ class RunOptions:
     max_concurrent: int = 0  # 0: as many as resources allow
     max_failures: int = 2  # retries of a crashed trial (from its last checkpoint)
     debug: bool = False
+    trial_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> name, table, label of its run
 
 
 @dataclass
 class RunSummary:
-    parent_run_id: str
+    parent_run_id: str | None  # None when every trial was already done
     experiment_id: str
     started: list[str] = field(default_factory=list)  # trial keys run by this invocation
     skipped: list[str] = field(default_factory=list)  # trial keys already done in the store
@@ -169,6 +170,29 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
                            "node with `ray start --head --node-ip-address=127.0.0.1` or leave out --address.") from None
 
 
+def _use_cluster_token() -> None:
+    """Authenticate as `ray start --head` decided: with the token of this machine (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) unless RAY_AUTH_MODE says otherwise. Ray's own client does this only
+    for `address="auto"`, so a cluster started with Ray's defaults would refuse an explicit address."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray release without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _connect_hint(exc: BaseException) -> str:
+    """Ray's reason for a failed connection, with the fix for a token the cluster refused."""
+    text = f"{exc} {exc.__cause__ or ''}"
+    if "InvalidAuthToken" not in text and "AuthenticationError" not in type(exc.__cause__).__name__:
+        return str(exc)
+    return ("the cluster uses token authentication and refused this machine's token. Copy the head node's token "
+            "(`ray get-auth-token` there) to ~/.ray/auth_token here, or export RAY_AUTH_TOKEN=<token>, and run again "
+            "(with RAY_AUTH_MODE=token if you set RAY_AUTH_MODE).")
+
+
 def _init_ray(opts: RunOptions) -> None:
     import ray
 
@@ -180,11 +204,13 @@ def _init_ray(opts: RunOptions) -> None:
                               "logging_level": logging.INFO if opts.debug else logging.WARNING}
     try:
         if opts.address:
+            _use_cluster_token()
             ray.init(address=opts.address, **kwargs)
         else:
             ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)  # never a cluster found on disk
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or its own types
-        raise ClusterError(f"could not connect to Ray at {opts.address or 'a new local instance'}: {exc}") from None
+        raise ClusterError(f"could not connect to Ray at {opts.address or 'a new local instance'}: "
+                           f"{_connect_hint(exc)}") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and tracking.is_local_uri(opts.tracking_uri):
         ray.shutdown()
@@ -228,13 +254,15 @@ def _run_locked(specs: list[TrialSpec], resources: dict[str, dict[str, float]], 
             for note in notes:
                 log.warning(note)
     tracking.close_stale_parents(uri, exp_id)
+    skipped = [s.key() for s in specs if s.key() in done]
+    if not todo:  # nothing to run, so no parent run: an empty one would only clutter the experiment
+        return RunSummary(None, exp_id, skipped=skipped)
     parent = tracking.start_parent(uri, exp_id, parent_tags.get("bench.suite", experiment), parent_tags)
-    summary = RunSummary(parent, exp_id, skipped=[s.key() for s in specs if s.key() in done])
+    summary = RunSummary(parent, exp_id, skipped=skipped)
     status = "FAILED"
     try:
-        if todo:
-            summary.started = [s.key() for s in todo]
-            _tune(todo, existing, resources, exp_id, parent, opts, progress, summary)
+        summary.started = [s.key() for s in todo]
+        _tune(todo, existing, resources, exp_id, parent, opts, progress, summary)
         status = "KILLED" if "interrupted" in summary.statuses.values() else "FINISHED"
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) or tracking.is_disk_full(exc):
@@ -327,7 +355,8 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
             run_id, set_aside = existing[key].info.run_id, existing[key].data.tags.get(SET_ASIDE_TAG, "")
             tracking.adopt(uri, run_id, parent)
         else:
-            run_id = tracking.create_trial_run(uri, exp_id, parent, spec, tracking.environment_tags())
+            tags = tracking.environment_tags() | opts.trial_tags.get(key, {})
+            run_id = tracking.create_trial_run(uri, exp_id, parent, spec, tags)
         d = trial_dir(key, run_id)
         tracking.private_dir(d)
         step = checkpoint_step(d)

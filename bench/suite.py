@@ -220,6 +220,8 @@ def _where(path: Path, root: yaml.Node | None, loc: Iterable[Any]) -> str:
     loc = list(loc)
     line = _line_of(root, loc)
     field_name = ".".join(str(p) for p in loc) or "(top level)"
+    if root is None:  # not from a file: no line to name
+        return f"{path}: {field_name}"
     return f"{path}:{line or '?'}: {field_name}"
 
 
@@ -504,9 +506,23 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
 
 def load_trials(name_or_path: str, sets: dict[str, Any] | None = None, added: list[str] | None = None,
                 only: set[str] | None = None) -> tuple[Suite, list[Trial]]:
+    """The suite's trials (of the tables and tasks in `only`) with `added` optimizers and `--set` overrides applied;
+    an error the overrides cause names them, not the file."""
     suite, path, root = load(name_or_path)
-    suite = apply_sets(add_optimizers(suite, added or []), sets or {})
-    return suite, expand(suite, path, root, only)
+    suite = add_optimizers(suite, added or [])
+    if not sets:
+        return suite, expand(suite, path, root, only)
+    changed = apply_sets(suite, sets)
+    try:
+        return changed, expand(changed, path, root, only)
+    except SuiteError:
+        expand(suite, path, root, only)  # the file's own problems are reported at its lines
+        flags = " ".join(f"--set {k}={v}" for k, v in sets.items())
+        try:
+            expand(changed, Path(flags), None, only)
+        except SuiteError as exc:
+            raise SuiteError(f"{exc.args[0]}\n  ({path.name} is valid without {flags})") from None
+        raise
 
 
 def unique_specs(trials: list[Trial]) -> list[TrialSpec]:

@@ -21,6 +21,9 @@ KEY_TAG = "bench.trial_key"
 STATUS_TAG = "bench.status"
 DONE_STATUSES = ("finished", "diverged")
 PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+# MLflow 3 opens an experiment in its GenAI view unless this tag says it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 T = TypeVar("T")
 
@@ -209,9 +212,45 @@ def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        for k, v in EXPERIMENT_KIND.items():
+            if exp.tags.get(k) != v:  # stores written before the tag was set
+                c.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     location = inside(home() / "artifacts", name).as_uri() if is_local_uri(uri) else None
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+LEADERBOARD_VIEW = "leaderboard"  # the MLflow UI opens it at /#/experiments/ID/runs?viewStateShareKey=leaderboard
+UI_QUERY = "workflowType=machine_learning"  # MLflow 3's model-training pages (its UI starts in GenAI mode)
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's experiment tag for a saved runs-page view
+
+
+def set_leaderboard_view(uri: str, exp_id: str, metrics: list[str], lower_is_better: bool) -> None:
+    """Save a runs-page view in the experiment: trial runs grouped by table, label and lr with the mean of the
+    headline metrics (`final.<metric>`), sorted by the first; and describe it on the experiment page."""
+    columns = [f"tags.`bench.{k}`" for k in ("table", "label", "optimizer", "status")]
+    columns += ["params.`hparams.lr`", "params.`seed`"] + [f"metrics.`final.{m}`" for m in metrics]
+    view = {
+        "searchFilter": f"tags.`{KEY_TAG}` != ''", "orderByKey": f"metrics.`final.{metrics[0]}`",
+        "orderByAsc": lower_is_better, "selectedColumns": columns,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [
+            {"mode": "tag", "groupByData": "bench.table"}, {"mode": "tag", "groupByData": "bench.label"},
+            {"mode": "param", "groupByData": "hparams.lr"}]},
+    }
+    c = client(uri)
+    retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(view)))
+    note = (f"Leaderboard: add `&viewStateShareKey={LEADERBOARD_VIEW}` to this page's address (`bench ui` prints "
+            "the link) for the trials grouped by table, row label and learning rate, with the mean of "
+            + ", ".join(f"`final.{m}`" for m in metrics) + " over seeds. Each parent run holds the leaderboard "
+            "tables as artifacts (`leaderboard/`).")
+    retry(lambda: c.set_experiment_tag(exp_id, "mlflow.note.content", note))
+
+
+def leaderboard_links(uri: str, base: str) -> list[str]:
+    """`experiment: link` for every experiment of the store that has a leaderboard view."""
+    c = client(uri)
+    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={LEADERBOARD_VIEW}"
+            for e in c.search_experiments() if SHARED_VIEW_TAG + LEADERBOARD_VIEW in e.tags]
 
 
 def git_commit() -> str:
@@ -282,15 +321,28 @@ def flat_params(prefix: str, values: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def trial_name(table: str, label: str, spec: TrialSpec) -> str:
+    """How a trial is called in the MLflow UI and the terminal: its table, row label, learning rate and seed."""
+    lr = spec.hparams.get("lr")
+    lr_text = f" lr={lr:g}" if isinstance(lr, (int, float)) else f" lr={lr}" if lr is not None else ""
+    return f"{table} {label}{lr_text} seed={spec.seed}"
+
+
+def trial_tags(table: str, label: str, spec: TrialSpec) -> dict[str, str]:
+    """The run name and the leaderboard place (table, row label) of a trial, as tags of its child run."""
+    return {RUN_NAME_TAG: trial_name(table, label, spec), "bench.table": table, "bench.label": label}
+
+
 def create_trial_run(uri: str, exp_id: str, parent_id: str, spec: TrialSpec, tags: dict[str, str]) -> str:
+    """The child run of a trial; `tags` may name it (RUN_NAME_TAG, see `trial_tags`)."""
     c = client(uri)
     run = c.create_run(
         exp_id,
-        run_name=f"{spec.task}:{spec.optimizer}:s{spec.seed}:{spec.key()[:6]}",
+        run_name=tags.get(RUN_NAME_TAG, f"{spec.task} {spec.optimizer} seed={spec.seed}"),
         tags={
             PARENT_TAG: parent_id, KEY_TAG: spec.key(), STATUS_TAG: "pending", "bench.role": "trial",
             "bench.task": spec.task, "bench.preset": spec.preset, "bench.optimizer": spec.optimizer,
-            "bench.seed": str(spec.seed), **tags,
+            "bench.seed": str(spec.seed), **{k: v for k, v in tags.items() if k != RUN_NAME_TAG},
         },
     )
     params = {"task": spec.task, "preset": spec.preset, "optimizer": spec.optimizer, "seed": str(spec.seed)}
