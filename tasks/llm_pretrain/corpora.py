@@ -81,6 +81,18 @@ SOURCES: tuple[Source, ...] = (
             "usr/share/doc/cmake-data/html/**/*.html", "usr/share/doc/git-doc/*.html",
             "usr/share/doc/lilypond/html/**/*.html", "usr/share/doc/maxima-doc/html/*.html",
             "usr/share/doc/octave/**/*.html", "usr/share/doc/gnuplot/htmldocs/*.html", "usr/share/doc/bash/*.html")),
+    Source("library-docs",
+           ("openjdk-17-doc", "qtbase5-doc-html", "qtdeclarative5-doc-html", "python-astropy-doc", "python-dask-doc",
+            "python-sqlalchemy-doc", "python-xarray-doc", "python-pytest-doc", "python-flask-doc", "nodejs-doc",
+            "libboost1.74-doc", "tcl8.6-doc"),
+           "GPL-2 with Classpath exception (OpenJDK), GFDL-1.3 (Qt), BSD-3-Clause (Astropy, Dask, Flask), MIT "
+           "(SQLAlchemy, pytest, Node.js), Apache-2.0 (xarray), BSL-1.0 (Boost), Tcl licence", 0,
+           "the Java 17 API documentation, Qt 5, Astropy, Dask, SQLAlchemy, xarray, pytest, Flask, Node.js, Boost and "
+           "Tcl manuals",
+           ("usr/share/doc/openjdk-17-jre-headless/api/**/*.html", "usr/share/qt5/doc/**/*.html",
+            *(f"usr/share/doc/{p}/html/**/*.html" for p in ("python-astropy-doc", "python-dask-doc",
+              "python-sqlalchemy-doc", "python-xarray-doc", "python-pytest-doc", "python-flask-doc")),
+            "usr/share/doc/nodejs/api/*.html", "usr/share/doc/libboost1.74-doc/**/*.html", "usr/share/man/man*/*")),
     Source("man-pages", ("manpages", "manpages-dev", "freebsd-manpages", "perl-doc"),
            "Linux man-pages copyleft / GPL-2+, BSD-2-Clause (FreeBSD), GPL-1+ or Artistic (Perl)", 0,
            "Linux and FreeBSD manual pages (commands, system calls, C library, devices) and the Perl manual",

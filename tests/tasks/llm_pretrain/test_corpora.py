@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -122,6 +123,10 @@ def test_a_built_source_is_used_by_default_with_a_disjoint_validation_split(
     train, val = list(itertools.islice(corpus.train(0), corpus.info["train_docs"])), list(corpus.validation())
     assert corpus.source == "offline:python-docs" and train and val and not set(train) & set(val)
     assert corpora.INSTALL not in corpora.describe(corpus.info["train_chars"], corpus.source)
+
+
+def test_every_source_is_a_valid_offline_source() -> None:
+    assert set(corpora.SOURCE_NAMES) <= set(get_args(data.OfflineSource))
 
 
 def test_unknown_source_is_refused_before_any_download(capsys: pytest.CaptureFixture[str]) -> None:
