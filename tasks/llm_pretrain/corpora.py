@@ -222,9 +222,9 @@ def roff_blocks(text: str) -> list[str]:
         if line.startswith((".", "'")):
             parts = line[1:].split(None, 1)
             req = parts[0] if parts else ""
-            if req in ("nf", "EX", "Bd"):
+            if req in ("nf", "EX", "Bd", "Vb"):  # no-fill, example, display and pod2man verbatim blocks
                 literal = True
-            elif req in ("fi", "EE", "Ed"):
+            elif req in ("fi", "EE", "Ed", "Ve"):
                 literal = False
             if req in _ROFF_TEXT_MACROS and len(parts) > 1 and not literal:
                 words = re.findall(r'"[^"]*"|\S+', parts[1])

@@ -52,12 +52,15 @@ nor
 .nf
 ls -l /tmp | sort
 .fi
+.Vb 1
+\&    my $x = shift;
+.Ve
 Mandatory arguments to long options are mandatory for short options too.
 """
     text = " ".join(corpora.roff_blocks(page))
     assert "List information about the FILEs (the current directory by default)." in text
     assert "Sort entries alphabetically if none of -cftuvSUX nor --sort is specified." in re.sub(r"\s+", " ", text)
-    assert "ls -l /tmp | sort" not in text and "Copyright" not in text and not _MARKUP.search(text)
+    assert "ls -l /tmp | sort" not in text and "shift" not in text and "Copyright" not in text and not _MARKUP.search(text)
 
 
 def _b64(n: int) -> str:
