@@ -268,8 +268,12 @@ _DICT_NOISE = re.compile(r"\[(?:1913 Webster|PJC|WordNet 1\.5|Century Dict\.|Web
                          r"\{([^{}]*)\}|\\([^\\]*)\\")
 
 
+DICT_DOC_CHARS = 2000  # consecutive dictionary entries make one document of about this size
+
+
 def dictd_documents(dict_path: Path) -> Iterator[list[str]]:
-    """Entries of a dictd database (`.dict.dz` with its `.index`): one entry's text lines per document."""
+    """Entries of a dictd database (`.dict.dz` with its `.index`) in index order, each a paragraph, grouped into
+    documents of about `DICT_DOC_CHARS`."""
     data = gzip.open(dict_path, "rb").read()
     index = dict_path.with_name(dict_path.name.removesuffix(".dict.dz") + ".index")
     b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -281,6 +285,7 @@ def dictd_documents(dict_path: Path) -> Iterator[list[str]]:
         return n
 
     seen: set[int] = set()
+    group: list[str] = []
     for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split("\t")
         if len(parts) < 3 or parts[0].startswith("00database"):
@@ -291,7 +296,12 @@ def dictd_documents(dict_path: Path) -> Iterator[list[str]]:
         seen.add(off)
         entry = data[off: off + num(parts[2])].decode("utf-8", errors="replace")
         entry = _DICT_NOISE.sub(lambda m: m.group(1) or m.group(2) or "", entry)
-        yield [re.sub(r"\s+", " ", block) for block in entry.split("\n\n")]
+        group += [re.sub(r"\s+", " ", block) for block in entry.split("\n\n")]
+        if sum(map(len, group)) >= DICT_DOC_CHARS:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 # ----------------------------------------------------------------------------------------------------------------
