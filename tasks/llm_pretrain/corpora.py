@@ -35,7 +35,7 @@ class Source:
     name: str
     packages: tuple[str, ...]  # Debian bookworm packages (apt-get download)
     licence: str  # from the packages' debian/copyright
-    approx_tokens: int  # measured after cleaning and deduplication, characters / 4
+    approx_tokens: int  # measured after cleaning and deduplication: characters / 4 (LLaMA-2 32k vocabulary: within 3%)
     content: str
     include: tuple[str, ...]  # globs under the unpacked tree
 
@@ -44,38 +44,38 @@ _MAN = ("usr/share/man/man*/*",)
 SOURCES: tuple[Source, ...] = (
     Source("debian-manuals",
            ("debian-handbook", "debian-reference-en", "debian-policy", "developers-reference", "maint-guide"),
-           "GPL-2+ (handbook also CC-BY-SA-3.0; maint-guide also MIT)", 0,
+           "GPL-2+ (handbook also CC-BY-SA-3.0; maint-guide also MIT)", 500_000,
            "The Debian Administrator's Handbook, Debian Reference, Policy, Developer's Reference, "
            "New Maintainers' Guide",
            ("usr/share/doc/debian-handbook/html/en-US/*.html", "usr/share/debian-reference/*.en.html",
             "usr/share/doc/debian-policy/**/*.html", "usr/share/developers-reference/*.html",
             "usr/share/doc/maint-guide/html/*.en.html")),
-    Source("python-docs", ("python3.11-doc",), "PSF-2.0", 0,
+    Source("python-docs", ("python3.11-doc",), "PSF-2.0", 1_700_000,
            "the Python 3.11 documentation (tutorial, library and language reference, HOWTOs)",
            ("usr/share/doc/python3.11/html/**/*.html",)),
-    Source("linux-docs", ("linux-doc-6.1",), "GPL-2", 0, "the Linux 6.1 kernel documentation",
+    Source("linux-docs", ("linux-doc-6.1",), "GPL-2", 5_000_000, "the Linux 6.1 kernel documentation",
            ("usr/share/doc/linux-doc-6.1/html/**/*.html",)),
-    Source("postgres-docs", ("postgresql-doc-15",), "PostgreSQL", 0, "the PostgreSQL 15 manual",
+    Source("postgres-docs", ("postgresql-doc-15",), "PostgreSQL", 1_300_000, "the PostgreSQL 15 manual",
            ("usr/share/doc/postgresql-doc-15/html/*.html",)),
     Source("scientific-python-docs",
            ("python-scipy-doc", "python-sklearn-doc", "python-statsmodels-doc", "python-pandas-doc",
             "python-sympy-doc", "python-django-doc", "sphinx-doc"),
-           "BSD-3-Clause (sphinx-doc BSD-2-Clause)", 0,
+           "BSD-3-Clause (sphinx-doc BSD-2-Clause)", 4_100_000,
            "user guides and references of SciPy, scikit-learn, statsmodels, pandas, SymPy, Django, Sphinx",
            tuple(f"usr/share/doc/{p}/html/**/*.html" for p in ("python-scipy-doc", "python-sklearn-doc",
                  "python-statsmodels-doc", "python-pandas-doc", "python-sympy-doc", "python-django-doc",
                  "sphinx-doc"))),
-    Source("sage-docs", ("sagemath-doc",), "GPL-2+", 0,
+    Source("sage-docs", ("sagemath-doc",), "GPL-2+", 3_100_000,
            "the SageMath tutorial, thematic tutorials, constructions and reference manual (English)",
            ("usr/share/doc/sagemath/html/en/**/*.html",)),
-    Source("rust-docs", ("rust-doc",), "MIT OR Apache-2.0", 0,
+    Source("rust-docs", ("rust-doc",), "MIT OR Apache-2.0", 1_000_000,
            "The Rust Programming Language, the Reference, Rust by Example, the standard library docs",
            ("usr/share/doc/rust-doc/html/**/*.html",)),
     Source("tool-manuals",
            ("erlang-doc", "racket-doc", "cmake-doc", "git-doc", "lilypond-doc-html", "maxima-doc", "octave-doc",
             "gnuplot-doc", "bash-doc"),
            "Apache-2.0 (Erlang), MIT (Racket), BSD-3-Clause (CMake), GPL-2 (Git), GPL-3+/GFDL (LilyPond, Octave, "
-           "Bash), GPL-2 (Maxima), gnuplot licence", 0,
+           "Bash), GPL-2 (Maxima), gnuplot licence", 6_300_000,
            "manuals of Erlang/OTP, Racket, CMake, Git, LilyPond, Maxima, Octave, gnuplot, Bash",
            ("usr/share/doc/erlang-doc/**/*.html", "usr/share/doc/racket/**/*.html",
             "usr/share/doc/cmake-data/html/**/*.html", "usr/share/doc/git-doc/*.html",
@@ -86,7 +86,7 @@ SOURCES: tuple[Source, ...] = (
             "python-sqlalchemy-doc", "python-xarray-doc", "python-pytest-doc", "python-flask-doc", "nodejs-doc",
             "libboost1.74-doc", "tcl8.6-doc"),
            "GPL-2 with Classpath exception (OpenJDK), GFDL-1.3 (Qt), BSD-3-Clause (Astropy, Dask, Flask), MIT "
-           "(SQLAlchemy, pytest, Node.js), Apache-2.0 (xarray), BSL-1.0 (Boost), Tcl licence", 0,
+           "(SQLAlchemy, pytest, Node.js), Apache-2.0 (xarray), BSL-1.0 (Boost), Tcl licence", 8_600_000,
            "the Java 17 API documentation, Qt 5, Astropy, Dask, SQLAlchemy, xarray, pytest, Flask, Node.js, Boost and "
            "Tcl manuals",
            ("usr/share/doc/openjdk-17-jre-headless/api/**/*.html", "usr/share/qt5/doc/**/*.html",
@@ -94,12 +94,12 @@ SOURCES: tuple[Source, ...] = (
               "python-sqlalchemy-doc", "python-xarray-doc", "python-pytest-doc", "python-flask-doc")),
             "usr/share/doc/nodejs/api/*.html", "usr/share/doc/libboost1.74-doc/**/*.html", "usr/share/man/man*/*")),
     Source("man-pages", ("manpages", "manpages-dev", "freebsd-manpages", "perl-doc"),
-           "Linux man-pages copyleft / GPL-2+, BSD-2-Clause (FreeBSD), GPL-1+ or Artistic (Perl)", 0,
+           "Linux man-pages copyleft / GPL-2+, BSD-2-Clause (FreeBSD), GPL-1+ or Artistic (Perl)", 4_100_000,
            "Linux and FreeBSD manual pages (commands, system calls, C library, devices) and the Perl manual",
            _MAN),
     Source("dictionaries", ("dict-gcide", "dict-wn", "dict-foldoc", "dict-jargon", "dict-devil"),
            "GPL-3+ (GCIDE), WordNet 3.0 licence, GFDL-1.1+ (FOLDOC), public domain (Jargon File, Devil's "
-           "Dictionary)", 0,
+           "Dictionary)", 15_400_000,
            "GNU Collaborative International Dictionary of English (Webster 1913 and more), WordNet, FOLDOC, the "
            "Jargon File, Bierce's The Devil's Dictionary",
            ("usr/share/dictd/*.dict.dz",)),
