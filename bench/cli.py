@@ -337,7 +337,7 @@ def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None
         for name in optimizers.available():
             spec = optimizers.spec(name)
             console.print(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}", markup=False)
-        console.print("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
+        console.print("components (combine as base+component+...):\n" + optimizers.specs.describe(), markup=False)
         for name, ep in optimizers.plugins.installed().items():
             console.print(f"{name} [entry point {ep.value}" + (f" of {ep.dist.name}" if ep.dist else "") + "]",
                           markup=False)
