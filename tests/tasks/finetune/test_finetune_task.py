@@ -59,7 +59,7 @@ def test_task_fills_total_steps_and_rejects_unknown_hparams(make_config: Callabl
     cfg = make_config("smoke")
     trial = FinetuneTrial.create(cfg, "stable_spam", {}, seed=0)
     assert trial.resolved["total_steps"] == cfg.steps and "total_steps" in trial.tags()["task_filled_hparams"]
-    assert trial.resolved["lr"] == cfg.lr and trial.lr_source == "task config"
+    assert trial.resolved["lr"] == cfg.lr and trial.request.lr_source == "task config"
     with pytest.raises(optimizers.OptimizerConfigError):
         FinetuneTrial.create(cfg, "adamw", {"no_such_hparam": 1}, seed=0)
 
