@@ -74,7 +74,7 @@ class FinetuneTask(Task):
 
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         assert isinstance(cfg, FinetuneConfig)
-        from tasks.finetune.training import run_trial
+        from tasks.finetune.training import train
 
         with torch_threads(cfg.threads):
-            return run_trial(cfg, optimizer, hparams, ctx)
+            return train(cfg, optimizer, hparams, ctx)

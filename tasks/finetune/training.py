@@ -65,7 +65,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 @dataclass
 class FinetuneTrial:
-    """The live objects of one trial. `create` builds them; `run_trial` drives them."""
+    """The live objects of one trial. `create` builds them; `train` drives them."""
 
     cfg: FinetuneConfig
     optimizer_name: str
@@ -247,7 +247,7 @@ class FinetuneTrial:
         return tags
 
 
-def run_trial(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Fine-tune and evaluate (resuming from the context's checkpoint); returns the final metrics."""
     device = torch.device(trial_device(cfg.device, ctx))
     trial = FinetuneTrial.create(cfg, optimizer, hparams, seed=int(ctx.seed), device=device)

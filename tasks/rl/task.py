@@ -185,7 +185,7 @@ class RLTask(Task):
 
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         assert isinstance(cfg, RLConfig)
-        from tasks.rl.trainer import run_trial
+        from tasks.rl.trainer import train
 
         with torch_threads(cfg.torch_threads):
-            return run_trial(cfg, optimizer, hparams, ctx)
+            return train(cfg, optimizer, hparams, ctx)

@@ -197,7 +197,7 @@ def _load_rms(rms: RunningMeanStd, state: dict[str, Any]) -> None:
 
 
 @dataclass
-class Trial:
+class RLTrial:
     """One RL trial's live objects: the SB3 model, its envs and the optimizers under test."""
 
     cfg: RLConfig
@@ -211,7 +211,7 @@ class Trial:
     resolved_hparams: dict[str, Any]
 
     @classmethod
-    def create(cls, cfg: RLConfig, optimizer: str, hparams: dict[str, Any], seed: int, device: str) -> Trial:
+    def create(cls, cfg: RLConfig, optimizer: str, hparams: dict[str, Any], seed: int, device: str) -> RLTrial:
         # schedule length = the trial's optimizer steps
         request = trial_optimizer(optimizer, hparams, cfg, total_steps=cfg.optimizer_steps())
         train_env, eval_env = make_envs(cfg, seed)
@@ -381,10 +381,10 @@ def final_metrics(curve: list[float], env_steps: int) -> dict[str, float]:
     }
 
 
-def run_trial(cfg: RLConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+def train(cfg: RLConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Train for `cfg.epochs` epochs (resuming from the context's checkpoint), evaluating after each one."""
     device = trial_device(cfg.device, ctx)
-    trial = Trial.create(cfg, optimizer, hparams, seed=ctx.seed, device=device)
+    trial = RLTrial.create(cfg, optimizer, hparams, seed=ctx.seed, device=device)
     try:
         ctx.log_params(trial.params())
         ctx.set_tags(**trial.tags())

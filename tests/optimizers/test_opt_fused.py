@@ -40,6 +40,7 @@ CASES = [
 @pytest.mark.parametrize("dtype,state_dtype,tol",
                          [(torch.float32, "param", 1e-6), (torch.bfloat16, "param", 1e-2),
                           (torch.bfloat16, "float32", 1e-2)], ids=["fp32", "bf16", "bf16-fp32"])
+@pytest.mark.slow
 def test_fused_matches_foreach(name, hp, dtype, state_dtype, tol):
     # 47 steps: two resets (at 20/40 or 25), spike clipping active after step 20 (SPAM), moments compared mid-period.
     errors = fused.compare_paths(optimizers.build, name, {**hp, "state_dtype": state_dtype}, DEVICE, dtype, steps=47,
