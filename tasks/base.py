@@ -3,6 +3,10 @@
 A task is a subclass of `Task` with a pydantic `Config`, named presets, declared resources and a `run` method that
 trains with an optimizer from the `optimizers` registry and reports metrics through a `TrialContext`.
 `LocalContext` is a plain in-process context, so a task can run (and be tested) without the harness.
+`trial_optimizer` is the one place that turns a trial's optimizer name and hyperparameters, with the task's values,
+into the registry's verified optimizer; `torch_threads`, `seed_everything`, `rng_state`, `cache_dir` and
+`hub_offline_reason` are shared by the tasks. A task declares how its results are summarised (`summary`, module
+`tasks.summary`) and which per-run statistics it writes (`statistics`), so the harness reads them from here.
 """
 
 from __future__ import annotations
