@@ -39,7 +39,6 @@ from typing import Any
 from bench import tracking
 from bench.leaderboard import Cell, _fmt
 from bench.suite import Trial
-from tasks.llm_pretrain.stats import LAYER_CSV
 
 MIB = 2.0**20
 LAYER_ORDER = ("embedding", "attention", "mlp", "norm", "head", "other")
@@ -312,7 +311,12 @@ def spike_matrix(rows: list[dict[str, str]], max_bins: int = 200) -> tuple[list[
 
 
 def _plot_spike_heatmap(a: Analysis, done: dict[Series, list[Trial]]) -> list[Path]:
-    matrices = {s: spike_matrix(rows) for s, ts in done.items() if (rows := a.artifact_csv(ts[0], LAYER_CSV))}
+    import tasks
+
+    layer_csv = tasks.get_task(a.trials[0].spec.task).statistics.get("layer_spikes")
+    if layer_csv is None:
+        return []
+    matrices = {s: spike_matrix(rows) for s, ts in done.items() if (rows := a.artifact_csv(ts[0], layer_csv))}
     if not matrices:
         return []
     height = max(3.4, 0.12 * max(len(m[0]) for m in matrices.values()) + 1.5)

@@ -399,7 +399,7 @@ def list_cmd(what: Annotated[What, typer.Argument(help="what to list")]) -> None
         for name in optimizers.available():
             spec = optimizers.spec(name)
             say(f"{name} [{spec.source}]: {', '.join(sorted(spec.accepts))}")
-        say("components (combine as base+component+...): moret, spikeclip, adaclip, adagn, gradclip")
+        say("components (combine as base+component+...):\n" + optimizers.specs.describe())
         for name, ep in optimizers.plugins.installed().items():
             say(f"{name} [entry point {ep.value}" + (f" of {ep.dist.name}" if ep.dist else "") + "]")
         say("your own: module:Class or module:factory, or an entry point of group bench.optimizers")

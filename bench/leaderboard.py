@@ -19,6 +19,7 @@ import yaml
 
 from bench import tracking
 from bench.suite import Trial
+from tasks.base import SummaryKind, summarise
 
 PAPER_RESULTS = Path(__file__).parent / "reference" / "paper_results.yaml"
 
@@ -33,30 +34,21 @@ class Cell:
     diverged: int = 0
     missing: int = 0
     failed: int = 0  # trials that ended in an error (counted in `missing` too)
-    summary: str = "mean"
+    summary: SummaryKind = "mean"
 
     @property
     def seeds(self) -> int:
         return len(self.values) + self.diverged
 
     def center(self) -> float | None:
-        if not self.values:
-            return None
-        if self.summary == "iqm":
-            from tasks.rl.stats import iqm
-
-            return float(iqm(self.values))
-        return statistics.fmean(self.values)
+        s = summarise(self.summary, self.values)
+        return None if s is None else s.center
 
     def spread(self) -> str:
-        if len(self.values) < 2:
-            return ""
-        if self.summary == "iqm":
-            from tasks.rl.stats import bootstrap_ci
-
-            lo, hi = bootstrap_ci(self.values)
-            return f" [{_fmt(lo)}, {_fmt(hi)}]"
-        return f" ± {_fmt(statistics.stdev(self.values))}"
+        s = summarise(self.summary, self.values)
+        if s is not None and s.interval is not None:
+            return f" [{_fmt(s.interval[0])}, {_fmt(s.interval[1])}]"
+        return f" ± {_fmt(s.std)}" if s is not None and s.std is not None else ""
 
     def text(self) -> str:
         if not self.values and self.diverged:
@@ -188,10 +180,10 @@ def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
     for name, members in grouped.items():
         task = tasks.get_task(members[0].spec.task)
         metric = task.metric
-        summary = getattr(task, "summary", "mean")
+        summary = task.summary
         rows = list(dict.fromkeys(t.row for t in members))
         columns = list(dict.fromkeys(_column(t) for t in members))
-        paper_metric = getattr(task, "paper_metric", metric)
+        paper_metric = task.paper_metric or metric
         cells: dict[tuple[str, str], Cell] = {}
         estimates: dict[tuple[str, str], Cell] = {}
         seen: set[tuple[str, str, str]] = set()

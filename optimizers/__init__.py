@@ -8,6 +8,8 @@ Public API:
   `registry`).
 - `plugins`: user optimizers (``module:attr`` names, the ``bench.optimizers`` entry points), which the registry
   builds like its own names.
+- `specs`: one spec per component and in-house base (hyperparameters, defaults, checks, state), which the registry,
+  the optimizers and `bench list optimizers` read.
 - `SpikeMonitor`: per-layer-type gradient spike statistics (module `spike_monitor`).
 - `SpikeAwareAdam`, `ComponentWrapper`: the engines behind the compositions (modules `spike_aware`, `compose`);
   `functional` holds the tensor math of every transform.
@@ -18,7 +20,7 @@ needs them is built.
 
 from __future__ import annotations
 
-from . import plugins
+from . import plugins, specs
 from .compose import ComponentWrapper
 from .registry import (
     OptimizerConfigError,
@@ -53,6 +55,7 @@ __all__ = [
     "optimizer_class",
     "param_groups",
     "plugins",
+    "specs",
     "resolved_hparams",
     "spec",
     "verify",

@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .specs import COMPONENT_SPECS, COMPONENTS, MORET_MODES, STATE_DTYPES, check_value, default, pipeline_hparams
 
 __all__ = [
     "ADAPTIVE_OFF",
@@ -77,11 +78,8 @@ __all__ = [
     "compute_dtype",
 ]
 
-# Canonical application order of the gradient transforms (moret acts on the base's state, not on the gradient).
-COMPONENTS: tuple[str, ...] = ("moret", "gradclip", "adaclip", "adagn", "spikeclip")
-GRADIENT_TRANSFORMS: tuple[str, ...] = ("gradclip", "adaclip", "adagn", "spikeclip")
-MORET_MODES: tuple[str, ...] = ("stable_spam", "clean", "spam")
-STATE_DTYPES: tuple[str, ...] = ("param", "float32")
+# Application order of the gradient transforms (`specs.COMPONENTS`; moret acts on the base's state, not the gradient).
+GRADIENT_TRANSFORMS: tuple[str, ...] = tuple(c for c in COMPONENTS if c != "moret")
 # Param-group key: True keeps AdaClip and AdaGN off that group's gradients.
 ADAPTIVE_OFF = "adaptive_off"
 # SPAM clips only on steps at least this far from the last momentum reset.
@@ -119,36 +117,24 @@ class Pipeline:
     """Optimizer-wide configuration of the components (per-tensor hyperparameters live in the param groups)."""
 
     components: frozenset[str] = field(default_factory=frozenset)
-    moret_mode: str = "stable_spam"
-    reset_interval: int = 1000
-    warmup_steps: int = 0
-    max_norm: float = 1.0
-    total_steps: int | None = None
-    eta_min: float = 0.5
-    state_dtype: str = "param"
+    moret_mode: str = default("moret_mode")
+    reset_interval: int = default("reset_interval")
+    warmup_steps: int = default("warmup_steps")
+    max_norm: float = default("max_norm")
+    total_steps: int | None = default("total_steps")
+    eta_min: float = default("eta_min")
+    state_dtype: str = default("state_dtype")
 
     def __post_init__(self) -> None:
         unknown = set(self.components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown component(s) {sorted(unknown)}; valid components: {', '.join(COMPONENTS)}")
-        if self.moret_mode not in MORET_MODES:
-            raise ValueError(f"moret_mode={self.moret_mode!r} is not one of {', '.join(MORET_MODES)}")
-        if self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype={self.state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
-        if int(self.reset_interval) != self.reset_interval or self.reset_interval < 1:
-            raise ValueError(f"reset_interval must be a positive integer, got {self.reset_interval!r}")
-        if int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        for name, hparam in pipeline_hparams().items():
+            check_value(name, hparam, getattr(self, name))
         if self.warmup_steps > 0 and "moret" not in self.components:
             raise ValueError("warmup_steps is SPAM's post-reset warmup and needs the 'moret' component")
         if self.warmup_steps > self.reset_interval:
             raise ValueError(WARMUP_TOO_LONG.format(warmup=self.warmup_steps, interval=self.reset_interval))
-        if not self.max_norm > 0:
-            raise ValueError(f"max_norm must be positive, got {self.max_norm!r}")
-        if self.total_steps is not None and (int(self.total_steps) != self.total_steps or self.total_steps < 1):
-            raise ValueError(f"total_steps must be None or a positive integer, got {self.total_steps!r}")
-        if not 0.0 <= self.eta_min <= 1.0:
-            raise ValueError(f"eta_min must lie in [0, 1], got {self.eta_min!r}")
 
     def has(self, component: str) -> bool:
         return component in self.components
@@ -200,27 +186,20 @@ class Bucket:
     work: list[Tensor] = field(default_factory=list)
 
 
-def _check_unit_interval(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-
-
-def component_group_defaults(components: Iterable[str], *, threshold: float, gamma1: float, gamma2: float,
-                             gamma3: float) -> dict[str, Any]:
-    """Per-tensor component hyperparameters, stored in each param group."""
-    components = set(components)
+def component_group_defaults(components: Iterable[str], values: dict[str, Any], *, package: bool = False
+                             ) -> dict[str, Any]:
+    """Per-tensor component hyperparameters (`specs`, ``per_group``), checked, stored in each param group: those of
+    every component in `components`, with their package-base extras if `package`; `values` overrides defaults."""
     out: dict[str, Any] = {}
-    if "spikeclip" in components:
-        if not threshold > 0:
-            raise ValueError(f"threshold must be positive, got {threshold!r}")
-        out["threshold"] = threshold
-    if "adaclip" in components:
-        _check_unit_interval("gamma3", gamma3)
-        out["gamma3"] = gamma3
-    if "adagn" in components:
-        _check_unit_interval("gamma1", gamma1)
-        _check_unit_interval("gamma2", gamma2)
-        out.update(gamma1=gamma1, gamma2=gamma2)
+    for name in COMPONENTS:
+        if name not in components:
+            continue
+        spec = COMPONENT_SPECS[name]
+        for key, hparam in {**spec.hparams, **(spec.package_hparams if package else {})}.items():
+            if hparam.per_group:
+                value = values.get(key, hparam.default)
+                check_value(key, hparam, value)
+                out[key] = value
     return out
 
 
@@ -228,6 +207,7 @@ class ComponentOptimizer(torch.optim.Optimizer):
     """Shared machinery: the step counter, gradient collection, the gradient transforms, exact state dicts."""
 
     pipeline: Pipeline
+    package_base = False  # True: over a package optimizer, with the components' `package_state` too
 
     def __init__(self, params: Any, defaults: dict[str, Any], pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -255,14 +235,20 @@ class ComponentOptimizer(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype,
                     ctx: StepContext) -> None:
-        """Create the component state of a parameter on its first update."""
-        if self.pipeline.has("adaclip") or self.pipeline.has("adagn"):
-            state["stat_step"] = 0
-        if self.pipeline.has("adaclip"):
-            state["clip_threshold"] = torch.zeros((), dtype=dtype, device=p.device)
-        if self.pipeline.has("adagn"):
-            state["gn_mean"] = torch.zeros((), dtype=dtype, device=p.device)
-            state["gn_sq_mean"] = torch.zeros((), dtype=dtype, device=p.device)
+        """Create the component state of a parameter on its first update (each component's `specs` state)."""
+        for name in COMPONENTS:
+            if not self.pipeline.has(name):
+                continue
+            spec = COMPONENT_SPECS[name]
+            for key, kind in {**spec.state, **(spec.package_state if self.package_base else {})}.items():
+                if key in state:
+                    continue
+                if kind == "counter":
+                    state[key] = 0
+                elif kind == "scalar":
+                    state[key] = torch.zeros((), dtype=dtype, device=p.device)
+                else:
+                    state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _collect(self, ctx: StepContext, copy: bool) -> list[Bucket]:
         """Parameters with a gradient, bucketed by (group, device, dtype), with working gradients.
@@ -377,28 +363,15 @@ class ComponentWrapper(ComponentOptimizer):
     ``"component."``) in torch's usual layout.
     """
 
-    def __init__(
-        self,
-        base: torch.optim.Optimizer,
-        pipeline: Pipeline,
-        layout: BaseStateLayout,
-        *,
-        threshold: float = 5000.0,
-        spike_beta2: float = 0.999,
-        gamma1: float = 0.7,
-        gamma2: float = 0.9,
-        gamma3: float = 0.999,
-        adagn_eps: float = 1e-8,
-    ) -> None:
-        defaults = component_group_defaults(pipeline.components, threshold=threshold, gamma1=gamma1, gamma2=gamma2,
-                                            gamma3=gamma3)
-        if pipeline.has("spikeclip"):
-            _check_unit_interval("spike_beta2", spike_beta2)
-            defaults["spike_beta2"] = spike_beta2
-        if pipeline.has("adagn"):
-            if not adagn_eps >= 0:
-                raise ValueError(f"adagn_eps must be non-negative, got {adagn_eps!r}")
-            defaults["adagn_eps"] = adagn_eps
+    package_base = True
+
+    def __init__(self, base: torch.optim.Optimizer, pipeline: Pipeline, layout: BaseStateLayout, **hparams: Any
+                 ) -> None:
+        """`hparams`: the components' per-tensor hyperparameters (`specs`), defaults where not given."""
+        defaults = component_group_defaults(pipeline.components, hparams, package=True)
+        unknown = sorted(set(hparams) - set(defaults))
+        if unknown:
+            raise TypeError(f"hyperparameter(s) {unknown} belong to no component of {sorted(pipeline.components)}")
         self.base = base
         self.layout = layout
         self._shared = False
@@ -417,12 +390,6 @@ class ComponentWrapper(ComponentOptimizer):
 
     def _adagn_eps(self, group: dict[str, Any]) -> float:
         return float(group["adagn_eps"])
-
-    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype,
-                    ctx: StepContext) -> None:
-        super()._init_state(p, state, group, dtype, ctx)
-        if self.pipeline.has("spikeclip"):
-            state["spike_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _reset_moments(self, buckets: list[Bucket]) -> None:
         tensors: list[Tensor] = []

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from .baselines import BASELINES, GALORE_KEYS, Baseline, ParamInput
-from .compose import ADAPTIVE_OFF, COMPONENTS, ComponentOptimizer, ComponentWrapper, Pipeline
+from .compose import ADAPTIVE_OFF, ComponentOptimizer, ComponentWrapper, Pipeline
 from .fused import kernel_name
 from .spam import SPAM
+from .specs import COMPONENTS, IN_HOUSE_ADAM, SCHEDULE, STATE_DTYPE, component_defaults, pipeline_hparams
 from .spike_aware import SpikeAwareAdam
 from .stable_spam import StableSPAM
 
@@ -70,21 +71,14 @@ class OptimizerUnavailableError(RuntimeError):
     """The optimizer's package is not installed or does not work here."""
 
 
-# Hyperparameters each component adds to a composition, with their defaults (the papers' settings).
-COMPONENT_HPARAMS: dict[str, dict[str, Any]] = {
-    "moret": {"reset_interval": 1000, "moret_mode": "stable_spam", "warmup_steps": 0},
-    "gradclip": {"max_norm": 1.0},
-    "adaclip": {"gamma3": 0.999},
-    "adagn": {"gamma1": 0.7, "gamma2": 0.9},
-    "spikeclip": {"threshold": 5000.0},
-}
-# Stable-SPAM's cosine schedule of beta1 and gamma1 (the authors' `total_T`, `eta_min`; StableSPAM
-# galore_torch/stablespam.py:43-44, 136, 165). Only the names that `owns_schedule` picks accept these: Stable-SPAM and
-# the in-house Adam compositions with momentum reset (the ablation of Stable-SPAM's components, whose full row is
-# Stable-SPAM). Every other name rejects them, so a task that passes `total_steps` cannot change its update rule: the
-# authors' Adam+GradClip is torch's Adam (SPAM torchrun_main.py:354, 447) and their Lion and Adam-mini variants keep
-# gamma1 fixed (StableSPAM utils/lions.py:113, galore_torch/adam_mini_ours.py:302).
-SCHEDULE_HPARAMS: dict[str, Any] = {"total_steps": None, "eta_min": 0.5}
+# Hyperparameters each component adds to a composition, with their defaults (`specs`).
+COMPONENT_HPARAMS: dict[str, dict[str, Any]] = {name: component_defaults([name]) for name in COMPONENTS}
+# Stable-SPAM's schedule of beta1 and gamma1 (`specs.SCHEDULE`). Only the names that `owns_schedule` picks accept
+# these: Stable-SPAM and the in-house Adam compositions with momentum reset (the ablation of Stable-SPAM's components,
+# whose full row is Stable-SPAM). Every other name rejects them, so a task that passes `total_steps` cannot change its
+# update rule: the authors' Adam+GradClip is torch's Adam (SPAM torchrun_main.py:354, 447) and their Lion and
+# Adam-mini variants keep gamma1 fixed (StableSPAM utils/lions.py:113, galore_torch/adam_mini_ours.py:302).
+SCHEDULE_HPARAMS: dict[str, Any] = {name: h.default for name, h in SCHEDULE.items()}
 IN_HOUSE_BASES: tuple[str, ...] = ("adam", "adamw")
 ALIASES: dict[str, str] = {"adam_gradclip": "adam+gradclip"}
 # Rows of Stable-SPAM's Tables 3 and 4 (reference/paper_results.yaml), all buildable by these names.
@@ -285,21 +279,12 @@ def owns_schedule(base: str, components: tuple[str, ...]) -> bool:
 
 def _composite_spec(name: str, base: str, components: tuple[str, ...], baseline: Baseline | None = None
                     ) -> OptimizerSpec:
-    component_defaults: dict[str, Any] = {}
-    for c in components:
-        component_defaults.update(COMPONENT_HPARAMS[c])
     b = baseline or BASELINES[base]
     if base in IN_HOUSE_BASES:
         defaults = {
-            "lr": 1e-3,
-            "betas": (0.9, 0.999),
-            "eps": 1e-8,
+            **IN_HOUSE_ADAM,
             "weight_decay": b.defaults["weight_decay"],
-            "adam_form": "torch",
-            "density": 1.0,
-            "seed": 0,
-            "state_dtype": "param",
-            **component_defaults,
+            **component_defaults(components),
             **(SCHEDULE_HPARAMS if owns_schedule(base, components) else {}),
         }
 
@@ -310,25 +295,14 @@ def _composite_spec(name: str, base: str, components: tuple[str, ...], baseline:
         source = "in-house (optimizers.spike_aware.SpikeAwareAdam)"
         unavailable = None
     else:
-        extra: dict[str, Any] = {"state_dtype": "param"}
-        if "spikeclip" in components:
-            extra["spike_beta2"] = 0.999
-        if "adagn" in components:
-            extra["adagn_eps"] = 1e-8
-        defaults = {**b.defaults, **component_defaults, **extra}
+        defaults = {**b.defaults, **component_defaults(components, package=True), "state_dtype": STATE_DTYPE.default}
         base_keys = b.accepts
 
         def factory(inp: ParamInput, hp: dict[str, Any]) -> torch.optim.Optimizer:
             base_hp = {k: v for k, v in hp.items() if k in base_keys}
             rest = {k: v for k, v in hp.items() if k not in base_keys}
-            pipeline = Pipeline(
-                components=frozenset(components),
-                moret_mode=rest.pop("moret_mode", "stable_spam"),
-                reset_interval=rest.pop("reset_interval", 1000),
-                warmup_steps=rest.pop("warmup_steps", 0),
-                max_norm=rest.pop("max_norm", 1.0),
-                state_dtype=rest.pop("state_dtype"),
-            )
+            wide = pipeline_hparams()
+            pipeline = Pipeline(components=frozenset(components), **{k: rest.pop(k) for k in list(rest) if k in wide})
             base_opt = b.factory(inp, base_hp)
             scope = COMPONENT_SCOPES.get(base)
             if scope is not None and {"adaclip", "adagn"} & set(components):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .specs import SPAM_DEFAULTS
 from .spike_aware import SpikeAwareAdam
 
 __all__ = ["SPAM"]
@@ -40,14 +41,14 @@ class SPAM(SpikeAwareAdam):
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        reset_interval: int = 500,
-        warmup_steps: int = 150,
-        threshold: float = 5000.0,
-        density: float = 1.0,
+        lr: float = SPAM_DEFAULTS["lr"],
+        betas: tuple[float, float] = SPAM_DEFAULTS["betas"],
+        eps: float = SPAM_DEFAULTS["eps"],
+        weight_decay: float = SPAM_DEFAULTS["weight_decay"],
+        reset_interval: int = SPAM_DEFAULTS["reset_interval"],
+        warmup_steps: int = SPAM_DEFAULTS["warmup_steps"],
+        threshold: float = SPAM_DEFAULTS["threshold"],
+        density: float = SPAM_DEFAULTS["density"],
         *,
         state_dtype: str = "param",
         seed: int = 0,

@@ -39,6 +39,7 @@ from torch import Tensor
 from . import functional as F
 from . import fused as fused_steps
 from .compose import Bucket, ComponentOptimizer, Pipeline, StepContext, component_group_defaults
+from .specs import IN_HOUSE_ADAM, default
 
 __all__ = ["ADAM_FORMS", "SpikeAwareAdam"]
 
@@ -55,27 +56,27 @@ class SpikeAwareAdam(ComponentOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        lr: float = IN_HOUSE_ADAM["lr"],
+        betas: tuple[float, float] = IN_HOUSE_ADAM["betas"],
+        eps: float = IN_HOUSE_ADAM["eps"],
+        weight_decay: float = IN_HOUSE_ADAM["weight_decay"],
         *,
         components: Iterable[str] = (),
         decoupled_weight_decay: bool = True,
-        adam_form: str = "torch",
-        moret_mode: str = "stable_spam",
-        reset_interval: int = 1000,
-        warmup_steps: int = 0,
-        threshold: float = 5000.0,
-        gamma1: float = 0.7,
-        gamma2: float = 0.9,
-        gamma3: float = 0.999,
-        max_norm: float = 1.0,
-        total_steps: int | None = None,
-        eta_min: float = 0.5,
+        adam_form: str = IN_HOUSE_ADAM["adam_form"],
+        moret_mode: str = default("moret_mode"),
+        reset_interval: int = default("reset_interval"),
+        warmup_steps: int = default("warmup_steps"),
+        threshold: float = default("threshold"),
+        gamma1: float = default("gamma1"),
+        gamma2: float = default("gamma2"),
+        gamma3: float = default("gamma3"),
+        max_norm: float = default("max_norm"),
+        total_steps: int | None = default("total_steps"),
+        eta_min: float = default("eta_min"),
         density: float | None = None,
-        state_dtype: str = "param",
-        seed: int = 0,
+        state_dtype: str = IN_HOUSE_ADAM["state_dtype"],
+        seed: int = IN_HOUSE_ADAM["seed"],
         fused: bool | None = None,
     ) -> None:
         if not lr >= 0.0:
@@ -103,8 +104,8 @@ class SpikeAwareAdam(ComponentOptimizer):
         defaults: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         if density is not None:
             defaults["density"] = density
-        defaults.update(component_group_defaults(pipeline.components, threshold=threshold, gamma1=gamma1,
-                                                 gamma2=gamma2, gamma3=gamma3))
+        defaults.update(component_group_defaults(
+            pipeline.components, {"threshold": threshold, "gamma1": gamma1, "gamma2": gamma2, "gamma3": gamma3}))
         self.decoupled_weight_decay = bool(decoupled_weight_decay)
         self.adam_form = adam_form
         self.seed = int(seed)

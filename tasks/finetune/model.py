@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -25,8 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.base import cache_dir as base_cache_dir
+from tasks.base import hub_offline_reason
 from tasks.finetune.config import OFFLINE_MODEL, TINY_MODEL, FinetuneConfig
-from tasks.finetune.data import hub_offline_reason, package_dir
+from tasks.finetune.data import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "bench") / "finetune"
+    return base_cache_dir("finetune")
 
 
 def _smollm2_dir() -> Path:

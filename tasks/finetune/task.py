@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal
 
-import torch
-
-from tasks.base import Resources, Task, TaskConfig, TrialContext
+from tasks.base import Resources, Task, TaskConfig, TrialContext, torch_threads
 from tasks.finetune.config import PRESETS, FinetuneConfig
 
 SMALL_MODEL_PARAMS = 1e9  # below this a trial asks for a quarter of a GPU
@@ -76,12 +74,7 @@ class FinetuneTask(Task):
 
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         assert isinstance(cfg, FinetuneConfig)
-        from tasks.finetune.training import run_trial
+        from tasks.finetune.training import train
 
-        threads = torch.get_num_threads()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        try:
-            return run_trial(cfg, optimizer, hparams, ctx)
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(cfg.threads):
+            return train(cfg, optimizer, hparams, ctx)

@@ -32,7 +32,15 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 import optimizers
-from tasks.base import Diverged, TrialContext, fill_hparams, trial_device
+from tasks.base import (
+    Diverged,
+    TrialContext,
+    TrialOptimizer,
+    rng_state,
+    set_rng_state,
+    trial_device,
+    trial_optimizer,
+)
 from tasks.finetune.config import FinetuneConfig
 from tasks.finetune.data import SetData, load_sets
 from tasks.finetune.model import LoadedModel, apply_lora, load_base
@@ -57,7 +65,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 @dataclass
 class FinetuneTrial:
-    """The live objects of one trial. `create` builds them; `run_trial` drives them."""
+    """The live objects of one trial. `create` builds them; `train` drives them."""
 
     cfg: FinetuneConfig
     optimizer_name: str
@@ -70,8 +78,7 @@ class FinetuneTrial:
     scheduler: LambdaLR
     total_steps: int
     resolved: dict[str, Any]
-    lr_source: str
-    task_filled: dict[str, Any]
+    request: TrialOptimizer
     step: int = 0
     _perms: dict[int, list[int]] = field(default_factory=dict)
 
@@ -98,19 +105,12 @@ class FinetuneTrial:
         if cfg.warmup_steps >= total:
             raise ValueError(f"warmup_steps ({cfg.warmup_steps}) must be smaller than the trial's {total} steps")
 
-        spec = optimizers.spec(optimizer)
-        requested, filled = fill_hparams(optimizer, hparams, weight_decay=cfg.weight_decay, total_steps=total,
-                                         seed=seed)
-        lr_source = "hparams" if "lr" in hparams else "task config"
-        if "lr" in spec.accepts:
-            requested.setdefault("lr", cfg.lr)
+        request = trial_optimizer(optimizer, hparams, cfg, seed, weight_decay=cfg.weight_decay, total_steps=total)
         model = loaded.model
-        params: Any = model if cfg.method == "full" or spec.needs_model else optimizers.param_groups(model)
-        opt = optimizers.build(optimizer, params, **requested)
-        resolved = optimizers.verify(opt, optimizer, requested, where="the training optimizer")
+        whole = cfg.method == "full" or optimizers.spec(optimizer).needs_model
+        opt, resolved = request.build(model if whole else optimizers.param_groups(model))
         sched = LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.schedule, cfg.min_lr_ratio))
-        return cls(cfg, optimizer, seed, device, loaded, sets, train_rows, opt, sched, total, resolved, lr_source,
-                   filled)
+        return cls(cfg, optimizer, seed, device, loaded, sets, train_rows, opt, sched, total, resolved, request)
 
     # --- data order ---------------------------------------------------------------------------------------------
 
@@ -184,15 +184,12 @@ class FinetuneTrial:
     # --- checkpoints --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "step": self.step,
             "trainable": {n: p.detach().cpu() for n, p in self.trainable().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
+            "rng": rng_state(self.device),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -206,9 +203,7 @@ class FinetuneTrial:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        set_rng_state(state["rng"], self.device)
 
     # --- what to log --------------------------------------------------------------------------------------------
 
@@ -217,7 +212,7 @@ class FinetuneTrial:
         out: dict[str, Any] = {f"optimizer.{k}": v for k, v in self.resolved.items()}
         out.update({
             "optimizer.class": f"{type(opt).__module__}.{type(opt).__qualname__}",
-            "optimizer.lr_source": self.lr_source,
+            "optimizer.lr_source": self.request.lr_source,
             "train.total_steps": self.total_steps,
             "train.examples": len(self.train_rows),
             "train.examples_per_step": self.cfg.examples_per_step,
@@ -243,7 +238,7 @@ class FinetuneTrial:
             "scoring": SCORING_TAG,
             "data_fallback": str(any(s.kind == "packaged" for s in self.sets)).lower(),
             "device": str(self.device),
-            "task_filled_hparams": ", ".join(f"{k}={v}" for k, v in self.task_filled.items()) or "none",
+            **self.request.tags(),
         }
         for s in self.sets:
             tags[f"data_source.{s.name}"] = s.source + (f" ({'; '.join(s.notes)})" if s.notes else "")
@@ -252,7 +247,7 @@ class FinetuneTrial:
         return tags
 
 
-def run_trial(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Fine-tune and evaluate (resuming from the context's checkpoint); returns the final metrics."""
     device = torch.device(trial_device(cfg.device, ctx))
     trial = FinetuneTrial.create(cfg, optimizer, hparams, seed=int(ctx.seed), device=device)

@@ -16,7 +16,7 @@ in expectation rather than exactly once. Validation runs at the end of every epo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -73,6 +73,7 @@ class ForecastingConfig(TaskConfig):
     batch_size: int = Field(128, ge=1, description="training windows (time positions, all series) per step")
     eval_batch_size: int = Field(4096, ge=1, description="series windows per forward pass at validation / test")
     learning_rate: float = Field(1e-4, gt=0, description="used when the optimizer hparams carry no `lr`")
+    lr_field: ClassVar[str] = "learning_rate"
     lr_schedule: Literal["constant", "type3"] = Field(
         "constant", description="'type3': PatchTST's per-epoch decay, lr * 0.9 ** max(0, epoch - 3)"
     )

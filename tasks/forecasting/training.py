@@ -22,6 +22,7 @@ resume (optimizer state, window sampler, RNG) is not available; an interrupted t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -36,7 +37,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from tasks.base import Diverged, TrialContext, fill_hparams, trial_device
+from tasks.base import Diverged, TrialContext, trial_device, trial_optimizer
 from tasks.forecasting.config import ForecastingConfig
 from tasks.forecasting.data import PreparedData, load_series, prepare
 from tasks.forecasting.models import build_model
@@ -217,8 +218,6 @@ def train_and_evaluate(
     callbacks: Sequence[pl.Callback] = (),
 ) -> TrialResult:
     """Run one trial: data, anomalies, model with the registry's optimizer, per-epoch curves, final test scores."""
-    import optimizers
-
     seed = int(ctx.seed)
     device = trial_device(cfg.device, ctx)
 
@@ -246,13 +245,13 @@ def train_and_evaluate(
     )
 
     spe = steps_per_epoch(split.train, cfg.input_size, cfg.batch_size)
-    lr = float(hparams.get("lr", cfg.learning_rate))
     # What the task supplies where the hparams are silent, as the reference runs did: the schedule length
     # (Stable-SPAM) is the trial's optimizer steps. The learning rate is bound into the class too: neuralforecast
     # passes `lr` only to classes whose signature names it.
-    requested, filled = fill_hparams(optimizer, {**hparams, "lr": lr}, total_steps=spe * cfg.epochs, seed=seed)
-    optimizer_cls = optimizers.optimizer_class(optimizer, **requested)
-    ctx.set_tags(task_filled_hparams=",".join(f"{k}={v}" for k, v in filled.items()) or "none")
+    request = trial_optimizer(optimizer, hparams, cfg, seed, total_steps=spe * cfg.epochs)
+    lr = request.lr
+    optimizer_cls = request.optimizer_class()
+    ctx.set_tags(**request.tags())
     ctx.log_params(
         {
             "data.source": data.table.source,
@@ -287,7 +286,8 @@ def train_and_evaluate(
         eval_model = build_model(cfg, optimizer_cls=None, device=device, **common)
     evaluator = HoldoutScorer(data, cfg)
     reporter = EpochReporter(
-        ctx, spe, cfg.epochs, evaluator, eval_model, cfg.test_every_epoch, optimizers.resolved_hparams
+        ctx, spe, cfg.epochs, evaluator, eval_model, cfg.test_every_epoch,
+        functools.partial(request.verify, where="neuralforecast's optimizer"),
     )
     # Callbacks go into the trainer kwargs after construction, so that they stay out of the saved hparams.
     model.trainer_kwargs["callbacks"] = [reporter, *callbacks]

@@ -28,12 +28,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -41,7 +39,18 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 import optimizers
-from tasks.base import Diverged, Resources, Task, TaskConfig, TrialContext, fill_hparams
+from tasks.base import (
+    Diverged,
+    Resources,
+    Task,
+    TaskConfig,
+    TrialContext,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    torch_threads,
+    trial_optimizer,
+)
 from tasks.llm_pretrain.config import PRESETS, LLMPretrainConfig
 from tasks.llm_pretrain.data import Batcher, CorpusSize, StepLoader, prepare_data, validation_batches
 from tasks.llm_pretrain.model import PAPER_VOCAB, build_llama, llama_config, matmul_params
@@ -84,12 +93,6 @@ def data_budget(cfg: LLMPretrainConfig, packing: bool, size: CorpusSize) -> dict
                    "data.passes": round(n, 4)},
         "tags": {"data_passes": f"{n:.3g}", "data_epochs": "multi-epoch" if n > 1 else "single pass"},
     }
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -146,14 +149,6 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
-def build_optimizer(
-    name: str, model: nn.Module, hparams: dict[str, Any], cfg: LLMPretrainConfig, seed: int
-) -> torch.optim.Optimizer:
-    """The registry's optimizer, with the task's lr, weight decay, total_steps and seed where the hparams omit them."""
-    hp, _ = fill_hparams(name, hparams, seed=seed, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.steps)
-    return optimizers.build(name, model, **hp)
-
-
 @torch.no_grad()
 def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any) -> tuple[float, float]:
     """(exact loss, the papers' estimate) on the held-out batches (`loss_fn`: a CausalLMLoss, token-summed).
@@ -188,6 +183,7 @@ class LLMPretrainTask(Task):
     presets = PRESETS
     metric = "val_perplexity"
     paper_metric = PAPER_ESTIMATE
+    statistics = {"layer_spikes": LAYER_CSV}
     mode = "min"
 
     def resources(self, cfg: TaskConfig) -> Resources:
@@ -208,13 +204,10 @@ class LLMPretrainTask(Task):
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         if not isinstance(cfg, LLMPretrainConfig):
             cfg = LLMPretrainConfig.model_validate(cfg.model_dump() if isinstance(cfg, TaskConfig) else cfg)
-        threads = torch.get_num_threads()
-        if torch.device(ctx.device).type == "cpu":  # use the CPUs the trial asked for (oversubscription is slow)
-            torch.set_num_threads(max(1, int(self.resources(cfg).cpus)))
-        try:
+        # On the CPU, use the CPUs the trial asked for (oversubscription is slow).
+        cpu = torch.device(ctx.device).type == "cpu"
+        with torch_threads(max(1, int(self.resources(cfg).cpus)) if cpu else None):
             return Trainer(cfg, optimizer, hparams, ctx).train()
-        finally:
-            torch.set_num_threads(threads)
 
 
 class Trainer:
@@ -258,8 +251,10 @@ class Trainer:
         self.loss_fn: nn.Module = torch.compile(loss_fn) if cfg.compile else loss_fn
         self.autocast = self._autocast()
 
-        self.optimizer = build_optimizer(optimizer, self.model, hparams, cfg, ctx.seed)
-        self.resolved = optimizers.resolved_hparams(self.optimizer)
+        self.request = trial_optimizer(optimizer, hparams, cfg, ctx.seed, weight_decay=cfg.weight_decay,
+                                       total_steps=cfg.steps)
+        self.optimizer, self.resolved = self.request.build(self.model)
+        ctx.set_tags(**self.request.tags())
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         self.monitor = optimizers.SpikeMonitor(self.model, threshold=cfg.spike_threshold) if cfg.spike_monitor else None
         self.layer_log: LayerSpikeLog | None = None
@@ -279,13 +274,11 @@ class Trainer:
 
     def _state(self, step: int, data_state: dict[str, Any], tokens: int, window: torch.Tensor, window_steps: int,
                train_loss: float) -> dict[str, Any]:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "data": data_state, "tokens": tokens,
-            "window_loss": window.detach().cpu(), "window_steps": window_steps, "train_loss": train_loss, "rng": rng,
+            "window_loss": window.detach().cpu(), "window_steps": window_steps, "train_loss": train_loss,
+            "rng": rng_state(self.device),
             "spike_monitor": self.monitor.state_dict() if self.monitor is not None else {},
             "loss_spikes": self.loss_spikes.state_dict(), "state_bytes": dict(self.state_bytes),
         }
@@ -299,9 +292,7 @@ class Trainer:
         self.state_bytes = dict(state.get("state_bytes", {}))
         if self.monitor is not None and state.get("spike_monitor"):
             self.monitor.load_state_dict(state["spike_monitor"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        set_rng_state(state["rng"], self.device)
 
     # --- loop -----------------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ Protocol (SPAM's RL experiment: PPO on Hopper, Ant and HalfCheetah, 100 epochs, 
   actions for `eval_episodes` episodes; the mean undiscounted return is reported as `test_return` at
   `step = epoch` (1-based), so each trial logs a test-return curve with one point per epoch.
 - The headline metric is `test_return` of the last epoch; across seeds the leaderboard aggregates it with the
-  interquartile mean and a stratified-bootstrap confidence interval (`tasks.rl.stats`).
+  interquartile mean and a stratified-bootstrap confidence interval (`tasks.summary`).
 
 The optimizer is the registry's: SB3 builds it through `policy_kwargs=dict(optimizer_class=...)`, and the
 learning-rate schedule is the benchmark's (`lr_schedule`), not SB3's — see `tasks.rl.trainer` for how, and the
@@ -30,10 +30,9 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
 
-from tasks.base import Resources, Task, TaskConfig, TrialContext
+from tasks.base import Resources, Task, TaskConfig, TrialContext, torch_threads
 
 EnvId = Literal["Hopper-v5", "Ant-v5", "HalfCheetah-v5", "Walker2d-v5", "Humanoid-v5", "Swimmer-v5"]
 
@@ -138,7 +137,7 @@ class RLTask(Task):
     Config: ClassVar[type[TaskConfig]] = RLConfig
     metric: ClassVar[str] = "test_return"
     mode: ClassVar[Literal["min", "max"]] = "max"
-    summary: ClassVar[str] = "iqm"  # leaderboard: interquartile mean over seeds with a bootstrap interval
+    summary = "iqm"  # interquartile mean over seeds with a bootstrap interval
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # 5 epochs x 1024 env steps of Hopper (2 rollouts of 512 per epoch), 2 test episodes per epoch.
         "smoke": {
@@ -186,11 +185,7 @@ class RLTask(Task):
 
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         assert isinstance(cfg, RLConfig)
-        from tasks.rl.trainer import run_trial
+        from tasks.rl.trainer import train
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.torch_threads)
-        try:
-            return run_trial(cfg, optimizer, hparams, ctx)
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(cfg.torch_threads):
+            return train(cfg, optimizer, hparams, ctx)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,8 +44,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
-import optimizers
-from tasks.base import Diverged, TrialContext, fill_hparams, trial_device
+from tasks.base import Diverged, TrialContext, TrialOptimizer, rng_state, set_rng_state, trial_device, trial_optimizer
 from tasks.rl.task import RLConfig
 
 log = logging.getLogger(__name__)
@@ -198,29 +196,8 @@ def _load_rms(rms: RunningMeanStd, state: dict[str, Any]) -> None:
     rms.count = float(state["count"])
 
 
-def rng_state() -> dict[str, Any]:
-    """torch, numpy and python global RNG states, as checkpoint-safe values (tensors, numbers, lists)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    keys = np_state["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached"]))
-    py_state = state["python"]
-    random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss"]))
-
-
 @dataclass
-class Trial:
+class RLTrial:
     """One RL trial's live objects: the SB3 model, its envs and the optimizers under test."""
 
     cfg: RLConfig
@@ -228,35 +205,28 @@ class Trial:
     model: BaseAlgorithm
     train_env: VecEnv
     eval_env: VecEnv
-    optimizer_cls: type[torch.optim.Optimizer]
+    request: TrialOptimizer
     under_test: dict[str, torch.optim.Optimizer]  # the registry optimizers SB3 built, by attribute path
     schedule: LRSchedule
     resolved_hparams: dict[str, Any]
-    lr_source: str
-    task_filled: dict[str, Any]
 
     @classmethod
-    def create(cls, cfg: RLConfig, optimizer: str, hparams: dict[str, Any], seed: int, device: str) -> Trial:
-        lr_source = "hparams" if "lr" in hparams else "task config"
-        requested = {**hparams, "lr": float(hparams.get("lr", cfg.lr))}
+    def create(cls, cfg: RLConfig, optimizer: str, hparams: dict[str, Any], seed: int, device: str) -> RLTrial:
         # schedule length = the trial's optimizer steps
-        requested, task_filled = fill_hparams(optimizer, requested, total_steps=cfg.optimizer_steps())
-        optimizer_cls = optimizers.optimizer_class(optimizer, **requested)
+        request = trial_optimizer(optimizer, hparams, cfg, total_steps=cfg.optimizer_steps())
         train_env, eval_env = make_envs(cfg, seed)
         try:
-            model = build_model(cfg, train_env, optimizer_cls, requested["lr"], seed, device)
+            model = build_model(cfg, train_env, request.optimizer_class(), request.lr, seed, device)
             schedule = LRSchedule(cfg.lr_schedule, cfg.total_env_steps(), cfg.steps_per_update())
             model.benchmark_lr = schedule  # type: ignore[attr-defined]
             built = registry_optimizers(model)
-            resolved = {path: optimizers.verify(opt, optimizer, requested, where=f"SB3's {path}")
-                        for path, opt in built.items()}
+            resolved = {path: request.verify(opt, where=f"SB3's {path}") for path, opt in built.items()}
             schedule.capture([*built.values(), *sb3_internal_optimizers(model).values()])
         except BaseException:
             train_env.close()
             eval_env.close()
             raise
-        return cls(cfg, seed, model, train_env, eval_env, optimizer_cls, built, schedule,
-                   next(iter(resolved.values())), lr_source, task_filled)
+        return cls(cfg, seed, model, train_env, eval_env, request, built, schedule, next(iter(resolved.values())))
 
     def params(self) -> dict[str, Any]:
         """Parameters to log at step 0: the optimizer's resolved hyperparameters and the trial's budget."""
@@ -264,7 +234,7 @@ class Trial:
         params: dict[str, Any] = {f"optimizer.{k}": v for k, v in self.resolved_hparams.items()}
         params.update({
             "optimizer.class": f"{type(opt).__module__}.{type(opt).__qualname__}",
-            "optimizer.lr_source": self.lr_source,
+            "optimizer.lr_source": self.request.lr_source,
             "env_steps_total": self.cfg.total_env_steps(),
             "optimizer_steps_total": self.cfg.optimizer_steps(),
         })
@@ -296,9 +266,7 @@ class Trial:
             tags["grad_clip"] = "none" if cfg.max_grad_norm is None else f"SB3 global-norm clip {cfg.max_grad_norm}"
         for path in sb3_internal_optimizers(self.model):
             tags[path] = SB3_ENT_COEF_OPTIMIZER
-        if self.task_filled:
-            tags["task_filled_hparams"] = ", ".join(f"{k}={v}" for k, v in self.task_filled.items())
-        return tags
+        return {**tags, **self.request.tags()}
 
     def train_epoch(self) -> dict[str, float]:
         """`steps_per_epoch` env steps of training; returns SB3's training statistics of the epoch's last update."""
@@ -413,10 +381,10 @@ def final_metrics(curve: list[float], env_steps: int) -> dict[str, float]:
     }
 
 
-def run_trial(cfg: RLConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+def train(cfg: RLConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Train for `cfg.epochs` epochs (resuming from the context's checkpoint), evaluating after each one."""
     device = trial_device(cfg.device, ctx)
-    trial = Trial.create(cfg, optimizer, hparams, seed=ctx.seed, device=device)
+    trial = RLTrial.create(cfg, optimizer, hparams, seed=ctx.seed, device=device)
     try:
         ctx.log_params(trial.params())
         ctx.set_tags(**trial.tags())

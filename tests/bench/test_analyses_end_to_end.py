@@ -57,6 +57,7 @@ def test_smoke_suite_has_every_analysis():
     assert {p for p in ANALYSES if any(t.startswith(p) for t in tables)} == set(ANALYSES)
 
 
+@pytest.mark.slow
 def test_every_analysis_writes_its_tables_and_plots(store):
     _, _, out, text = store
     for name in ("spikes_adam_spikes_over_steps.png", "spikes_adam_spikes_heatmap.png", "spikes_adam_loss_spikes.png",
@@ -78,6 +79,7 @@ def runs_by_label(trials: list[Trial], uri: str, table: str) -> dict[str, object
     return {t.row + "".join(f" {k}={v}" for k, v in t.point.items()): runs[t.key] for t in trials if t.table == table}
 
 
+@pytest.mark.slow
 def test_spike_table_sums_the_logged_windows(store):
     trials, uri, out, _ = store
     run = runs_by_label(trials, uri, "spikes_adam")["adam"]
@@ -93,6 +95,7 @@ def test_spike_table_sums_the_logged_windows(store):
         assert next(csv.reader(f))[0] == "optimizer"  # the usual table of final metrics is kept
 
 
+@pytest.mark.slow
 def test_memory_table_reports_measured_bytes(store):
     trials, uri, out, _ = store
     runs = runs_by_label(trials, uri, "memory_sparse_momentum")
@@ -104,6 +107,7 @@ def test_memory_table_reports_measured_bytes(store):
     assert "n/a (CPU run)" in text and "1.00×" in text
 
 
+@pytest.mark.slow
 def test_sensitivity_table_has_one_column_per_grid_value(store):
     _, _, out, _ = store
     text = (out / "sensitivity_stable_spam_sweep.md").read_text()
@@ -120,6 +124,7 @@ experiments:
 """
 
 
+@pytest.mark.slow
 def test_seed_spread_and_divergence_in_sweeps_and_curves(tmp_path):
     (tmp_path / "diverging.yaml").write_text(DIVERGING)
     _, trials = load_trials(str(tmp_path / "diverging.yaml"))

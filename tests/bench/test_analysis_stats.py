@@ -193,6 +193,7 @@ def test_int2_and_int3_grids(bits):
         QuantSpec("fp4", int_bits=bits)
 
 
+@pytest.mark.slow
 def test_quant_bits_config_is_checked_and_reaches_the_model(tmp_path: Path):
     task = LLMPretrainTask()
     with pytest.raises(ValidationError, match="quant_bits applies to the int formats"):
@@ -222,6 +223,7 @@ class KilledAfterCheckpoint(LocalContext):
         raise Killed
 
 
+@pytest.mark.slow
 def test_resumed_trial_keeps_its_statistics(tmp_path: Path):
     task = LLMPretrainTask()
     cfg = task.config("smoke", {"steps": 24, "checkpoint_every": 10, "eval_every": 12, "log_every": 4,

@@ -129,6 +129,7 @@ def test_sweep_takes_each_optimizers_own_lr_grid_unless_given() -> None:
     assert sweep_lrs(["adamw", SIGN], "0.1") == {"adamw": [0.1], SIGN: [0.1]}
 
 
+@pytest.mark.slow
 def test_cli_errors_exit_2_without_traceback_or_files(bench: Bench) -> None:
     for args in (["run", "--suite", "smoke", "--add-optimizer", "no_such_module_xyz:Opt"],
                  ["run", "--suite", "smoke", "--add-optimizer", f"{SIGN}:betas=1"],
@@ -157,11 +158,11 @@ def test_llm_pretrain_with_a_user_optimizer() -> None:
 def test_rl_with_a_user_optimizer() -> None:
     pytest.importorskip("mujoco")
     from tasks.rl.task import RLTask
-    from tasks.rl.trainer import Trial
+    from tasks.rl.trainer import RLTrial
 
     cfg = RLTask().config("smoke", {"epochs": 1, "steps_per_epoch": 256, "n_steps": 256, "n_epochs": 1,
                                     "eval_episodes": 1})
-    trial = Trial.create(cfg, SIGN, {"lr": 1e-3, "beta": 0.7}, seed=0, device="cpu")
+    trial = RLTrial.create(cfg, SIGN, {"lr": 1e-3, "beta": 0.7}, seed=0, device="cpu")
     try:
         opt = trial.model.policy.optimizer
         assert type(opt) is SignMomentum and opt.param_groups[0]["beta"] == 0.7
@@ -171,6 +172,7 @@ def test_rl_with_a_user_optimizer() -> None:
         trial.close()
 
 
+@pytest.mark.slow
 def test_forecasting_with_a_user_optimizer() -> None:
     from tasks.forecasting import ForecastingTask
 

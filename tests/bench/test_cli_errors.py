@@ -117,16 +117,19 @@ def test_bad_input(tmp_path, monkeypatch, capsys, case):
     assert len(err) < 3000  # one paragraph, never an unbounded value
 
 
+@pytest.mark.slow
 def test_console_command_exit_code(bench):
     result = bench("run", "--suite", "nope")
     assert result.returncode == 2 and "unknown suite 'nope'" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(bench):
     result = bench("--debug", "run", "--suite", "nope")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_list_and_dry_run(bench):
     tasks = bench("list", "tasks")
     assert tasks.returncode == 0 and "llm_pretrain" in tasks.stdout

@@ -13,6 +13,7 @@ class Unpicklable:
         raise RuntimeError("the process died while writing the checkpoint")
 
 
+@pytest.mark.slow
 def test_points_reach_mlflow_before_the_checkpoint_exists(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.prepare_store(uri)

@@ -6,10 +6,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import pytest
 
 from bench import leaderboard
 
 
+@pytest.mark.slow
 def test_data_statement_flags_multi_epoch_runs(tmp_path: Path) -> None:
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))

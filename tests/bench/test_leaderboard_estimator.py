@@ -13,6 +13,7 @@ from bench.suite import Experiment, OptimizerEntry, Suite, expand
 from tasks.llm_pretrain.task import PAPER_ESTIMATE
 
 
+@pytest.mark.slow
 def test_llm_table_shows_both_perplexities_labelled(tmp_path: Path) -> None:
     suite = Suite(name="estimator", experiments=[Experiment(
         task="llm_pretrain", preset="smoke", table="llm_pretrain_bf16", column="llama_60m",

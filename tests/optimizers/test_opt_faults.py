@@ -171,6 +171,7 @@ def test_step_has_no_host_sync(monkeypatch, name, hp):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.slow
 def test_importing_needs_only_torch():
     code = textwrap.dedent(
         """

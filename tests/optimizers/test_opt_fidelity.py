@@ -17,10 +17,9 @@ from torch import nn
 
 import optimizers
 from optimizers.registry import OptimizerConfigError
-from tasks.base import fill_hparams
+from tasks.base import fill_hparams, trial_optimizer
 from tasks.llm_pretrain import LLMPretrainTask
 from tasks.llm_pretrain.model import build_llama, llama_config
-from tasks.llm_pretrain.task import build_optimizer
 
 torch.set_num_threads(1)
 STEPS = 12
@@ -104,7 +103,8 @@ def test_task_built_baseline_is_the_package_optimizer(name, hparams, reference, 
         pytest.importorskip(module)
     cfg = task_config()
     ours_model, ref_model = tiny_llama(), tiny_llama()
-    ours = build_optimizer(name, ours_model, dict(hparams), cfg, seed=0)
+    request = trial_optimizer(name, dict(hparams), cfg, 0, weight_decay=cfg.weight_decay, total_steps=cfg.steps)
+    ours, _ = request.build(ours_model)
     lr = optimizers.resolved_hparams(ours)["lr"]
     ref = reference(ref_model, lr)
     for step, (a, b) in enumerate(zip(train(ours_model, ours), train(ref_model, ref, clip), strict=True), 1):

@@ -42,6 +42,7 @@ CASES = [
 @pytest.mark.parametrize("name,hp", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, "param"), (torch.bfloat16, "param"),
                                                (torch.bfloat16, "float32")], ids=["fp32", "bf16", "bf16-fp32"])
+@pytest.mark.slow
 def test_fused_matches_foreach(name, hp, dtype, state_dtype):
     # 47 steps: two resets (at 20/40 or 25), spike clipping active after step 20 (SPAM); every step from the foreach
     # path's state, each within the bound that rounding in the compute dtype allows (`fused.step_tolerance`).

@@ -291,3 +291,31 @@ def test_adam_mini_reads_dims_from_a_transformers_config():
     assert (resolved["dim"], resolved["n_heads"], resolved["n_kv_heads"]) == (16, 4, 2)
     resolved = optimizers.resolved_hparams(optimizers.build("adam_mini", model, n_heads=2, n_kv_heads=None))
     assert (resolved["dim"], resolved["n_heads"], resolved["n_kv_heads"]) == (16, 2, 2)
+
+
+def test_every_default_is_read_from_the_specs() -> None:
+    """Registry names, SPAM/StableSPAM signatures and the wrapper's group values all take `specs`' values."""
+    import inspect
+
+    from optimizers import SPAM, StableSPAM
+    from optimizers import specs as S
+
+    for name, component in S.COMPONENT_SPECS.items():
+        wanted = {k: h.default for k, h in component.hparams.items()}
+        for base in ("adamw", "lion"):
+            defaults = optimizers.spec(f"{base}+{name}").defaults
+            assert {k: defaults[k] for k in wanted} == wanted
+        package = {k: h.default for k, h in component.package_hparams.items()}
+        assert package.items() <= optimizers.spec(f"lion+{name}").defaults.items()
+    for cls, table in ((SPAM, S.SPAM_DEFAULTS), (StableSPAM, S.STABLE_SPAM_DEFAULTS)):
+        signature = inspect.signature(cls.__init__).parameters
+        assert {k: signature[k].default for k in table} == table
+        assert {k: v for k, v in optimizers.spec(cls.__name__.lower().replace("stablespam", "stable_spam")
+                                                 ).defaults.items() if k in table} == table
+
+
+def test_component_values_are_checked_by_their_spec() -> None:
+    with pytest.raises(ValueError, match=r"gamma3 must lie in \[0, 1\), got 1.5"):
+        optimizers.build("lion+adaclip", [torch.zeros(2, requires_grad=True)], gamma3=1.5)
+    with pytest.raises(ValueError, match="reset_interval must be a positive integer, got 0"):
+        optimizers.build("adam+moret", [torch.zeros(2, requires_grad=True)], reset_interval=0)

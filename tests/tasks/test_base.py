@@ -50,3 +50,22 @@ def test_local_checkpoint_round_trip(tmp_path):
     assert ctx.load_checkpoint() is None
     ctx.save_checkpoint({"step": 7, "values": [1.0, 2.0]})
     assert LocalContext(workdir=tmp_path).load_checkpoint() == {"step": 7, "values": [1.0, 2.0]}
+
+
+def test_trial_optimizer_takes_the_trials_lr_else_the_configs_field():
+    import torch
+
+    from tasks.base import trial_optimizer
+    from tasks.forecasting.config import ForecastingConfig
+
+    cfg = ForecastingConfig(learning_rate=2e-3)
+    own = trial_optimizer("stable_spam", {"lr": 1e-2}, cfg, 7, total_steps=50)
+    assert own.hparams == {"lr": 1e-2, "total_steps": 50} and own.lr_source == "hparams"
+    assert own.tags() == {"task_filled_hparams": "total_steps=50"}  # the lr is not a filled value
+    task = trial_optimizer("spam", {}, cfg, 7, total_steps=50)
+    assert task.lr == 2e-3 and task.lr_source == "task config" and task.filled == {"seed": 7}
+    opt, resolved = task.build([torch.zeros(2, requires_grad=True)])
+    assert resolved["lr"] == 2e-3 and resolved["seed"] == 7
+    other = trial_optimizer("spam", {"lr": 1.0}, cfg).build([torch.zeros(2, requires_grad=True)])[0]
+    with pytest.raises(RuntimeError, match="requested 0.002"):
+        task.verify(other, "the test's optimizer")

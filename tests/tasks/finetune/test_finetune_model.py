@@ -27,6 +27,7 @@ def _save_llama(folder: Path, with_tokenizer: bool) -> LlamaForCausalLM:
     return model
 
 
+@pytest.mark.slow
 def test_local_save_pretrained_folder_fine_tunes(tmp_path: Path, make_config: Callable, run_task: Callable) -> None:
     saved = _save_llama(tmp_path / "ckpt", with_tokenizer=True)
     cfg = make_config("smoke", model=str(tmp_path / "ckpt"), steps=2, eval_at_start=False, save_model=True)
@@ -40,6 +41,7 @@ def test_local_save_pretrained_folder_fine_tunes(tmp_path: Path, make_config: Ca
     assert not torch.equal(again.model.model.layers[0].mlp.up_proj.weight, saved.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.slow
 def test_folder_without_tokenizer_needs_the_tokenizer_setting(tmp_path: Path, make_config: Callable) -> None:
     _save_llama(tmp_path / "bare", with_tokenizer=False)
     with pytest.raises(ModelUnavailable, match="tokenizer"):
@@ -56,6 +58,7 @@ def test_hub_model_fails_fast_offline(make_config: Callable) -> None:
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.slow
 def test_lora_leaves_base_weights_unchanged(make_config: Callable) -> None:
     cfg = make_config("smoke-lora", steps=3, lora_dropout=0.1)
     trial = FinetuneTrial.create(cfg, "adamw", {}, seed=0)
@@ -73,6 +76,7 @@ def test_lora_leaves_base_weights_unchanged(make_config: Callable) -> None:
     assert set(state["trainable"]) == set(trial.trainable())  # checkpoints hold the adapters only
 
 
+@pytest.mark.slow
 def test_offline_smollm2_is_pretrained(make_config: Callable) -> None:
     """The packaged SmolLM2-135M-Instruct (converted once, then cached) knows a capital; the tiny model is random."""
     loaded = load_base(make_config("smoke", model=OFFLINE_MODEL), seed=0)

@@ -47,6 +47,7 @@ def test_accuracy_headline_is_length_normalised() -> None:
     assert scores.acc == 1.0 and scores.acc_sum == 0.0 and scores.predictions == [1]
 
 
+@pytest.mark.slow
 def test_memorised_answers_are_picked(make_config: Callable, tokenizer: object) -> None:
     """A tiny model fine-tuned on four items until it memorises them scores 100% on them, and chance before."""
     cfg = make_config("smoke", steps=40, datasets=["arc_e"], max_train_examples=4, batch_size=4, grad_accum=1,

@@ -16,6 +16,7 @@ from tasks.finetune.model import estimate_params
 from tasks.finetune.training import FinetuneTrial
 
 
+@pytest.mark.slow
 def test_smoke_reports_accuracy_and_loss(smoke_run: tuple[dict[str, float], LocalContext]) -> None:
     result, ctx = smoke_run
     cfg = FinetuneTask().config("smoke")
@@ -55,15 +56,17 @@ def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
     assert params["optimizer.lr_source"] == "hparams"
 
 
+@pytest.mark.slow
 def test_task_fills_total_steps_and_rejects_unknown_hparams(make_config: Callable) -> None:
     cfg = make_config("smoke")
     trial = FinetuneTrial.create(cfg, "stable_spam", {}, seed=0)
     assert trial.resolved["total_steps"] == cfg.steps and "total_steps" in trial.tags()["task_filled_hparams"]
-    assert trial.resolved["lr"] == cfg.lr and trial.lr_source == "task config"
+    assert trial.resolved["lr"] == cfg.lr and trial.request.lr_source == "task config"
     with pytest.raises(optimizers.OptimizerConfigError):
         FinetuneTrial.create(cfg, "adamw", {"no_such_hparam": 1}, seed=0)
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path, make_config: Callable,
                                                         run_task: Callable) -> None:
     cfg = make_config("smoke", eval_at_start=False)

@@ -114,6 +114,7 @@ def test_resources() -> None:
     assert 0 < mini.gpus < 1 and mini.cpus >= 1
 
 
+@pytest.mark.slow
 def test_smoke_run_logs_test_mse_and_per_epoch_curves(smoke_run: dict[str, Any]) -> None:
     ctx, cfg, result = smoke_run["ctx"], smoke_run["cfg"], smoke_run["result"]
     assert np.isfinite(result.metrics["test_mse"]) and np.isfinite(result.metrics["test_mae"])
@@ -157,6 +158,7 @@ def test_anomalies_reach_training_and_never_the_test_split(smoke_run: dict[str, 
     np.testing.assert_array_equal(evaluator.targets[:, 0, :], data.clean[-data.split.test :][:24].T)
 
 
+@pytest.mark.slow
 def test_task_run_is_seeded_and_test_curves_do_not_perturb_training() -> None:
     name, hparams = adam_like()
     results = []
@@ -168,6 +170,7 @@ def test_task_run_is_seeded_and_test_curves_do_not_perturb_training() -> None:
     assert [s for s, _ in ctx.series("test_mse")] == [2]  # without per-epoch curves: only at the end
 
 
+@pytest.mark.slow
 def test_weather_csv_run_is_tagged_with_its_source(tmp_path: Path) -> None:
     table = load_fallback("vic_elec")
     path = tmp_path / "weather.csv"
@@ -180,6 +183,7 @@ def test_weather_csv_run_is_tagged_with_its_source(tmp_path: Path) -> None:
     assert ctx.tags["data_source"] == f"weather:{path}" and ctx.tags["data_fallback"] == "false"
 
 
+@pytest.mark.slow
 def test_stable_spam_gets_the_trial_length_as_total_steps() -> None:
     ctx = LocalContext(seed=0, device="cpu")
     out = TASK.run(TASK.config("smoke", {"epochs": 1, "noise_scale": 2.0}), "stable_spam", {"lr": 1e-3}, ctx)
@@ -189,6 +193,7 @@ def test_stable_spam_gets_the_trial_length_as_total_steps() -> None:
     assert ctx.tags["task_filled_hparams"] == f"total_steps={int(out['steps'])}"
 
 
+@pytest.mark.slow
 def test_other_neuralforecast_models_are_selectable() -> None:
     name, hparams = adam_like()
     ctx = LocalContext(seed=0, device="cpu")

@@ -62,6 +62,7 @@ def test_hub_probe_respects_offline_env(monkeypatch: pytest.MonkeyPatch) -> None
     assert data.hub_reachable() is False
 
 
+@pytest.mark.slow
 def test_padding_is_masked_and_excluded_from_the_loss(corpus: data.Corpus, tokenizer: data.TextTokenizer) -> None:
     b = Batcher(corpus.train_tokens(tokenizer), tokenizer.pad_id, seq_len=256, batch_size=8, packing=False)
     ids, labels = b.next()
@@ -80,6 +81,7 @@ def test_padding_is_masked_and_excluded_from_the_loss(corpus: data.Corpus, token
         assert torch.equal(token_loss_sum(model, garbage, targets), loss)
 
 
+@pytest.mark.slow
 def test_packing_fills_every_position(packed: data.Corpus, tokenizer: data.TextTokenizer) -> None:
     """>= 97% of the positions of every training batch are real tokens: here all of them, over a whole epoch."""
     assert packed.packing and packed.info["train_docs"] < 13_000  # whole documents, not 1200-character pieces
@@ -178,6 +180,7 @@ def test_forced_c4_without_a_source_fails_fast(monkeypatch: pytest.MonkeyPatch) 
         data.prepare_data(cfg.data_settings(), seed=0)
 
 
+@pytest.mark.slow
 def test_smoke_run_on_local_c4_shards(tmp_path: Path, run_task: Callable, write_c4_shards: Callable) -> None:
     write_c4_shards(tmp_path)
     run = run_task({"c4_path": str(tmp_path), "tokenizer": "bpe", "bpe_train_docs": 300, "steps": 10,

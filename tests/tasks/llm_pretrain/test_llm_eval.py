@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import pytest
 import torch
 
 from tasks.llm_pretrain.model import build_llama, llama_config
@@ -33,6 +34,7 @@ def test_exact_loss_and_the_papers_estimator():
     assert math.exp(paper) < math.exp(exact)
 
 
+@pytest.mark.slow
 def test_the_task_reports_both_perplexities(smoke_run):
     final = smoke_run.result
     n = len(smoke_run.ctx.series(PAPER_ESTIMATE))

@@ -64,6 +64,7 @@ def test_fallback_is_packed_and_the_data_budget_is_logged(smoke_run: Any) -> Non
     assert smoke_run.ctx.tags["data_epochs"] == "single pass"
 
 
+@pytest.mark.slow
 def test_mini_preset_states_its_passes_over_the_fallback() -> None:
     from tasks.llm_pretrain import LLMPretrainTask
     from tasks.llm_pretrain.data import prepare_data
@@ -78,6 +79,7 @@ def test_mini_preset_states_its_passes_over_the_fallback() -> None:
     assert cfg.seq_len == 256 and not cfg.compile and cfg.steps >= 2 * 500  # SPAM's reset acts at least once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["spam", "stable_spam"])
 def test_spike_aware_optimizers_train(run_task: Callable, name: str) -> None:
     if name not in optimizers.available():
@@ -89,6 +91,7 @@ def test_spike_aware_optimizers_train(run_task: Callable, name: str) -> None:
         assert run.ctx.params["opt.total_steps"] == 40
 
 
+@pytest.mark.slow
 def test_int4_quantized_llama_trains(run_task: Callable) -> None:
     run = run_task({"quant": "int4", "quant_group_size": 32})
     assert run.ctx.params["model.quantized_linears"] == 14
@@ -108,6 +111,7 @@ class KilledAfterCheckpoint(LocalContext):
         raise Killed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "extra"), [("adamw", {}), ("stable_spam", {"spike_monitor": True, "packing": True})])
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(run_task: Callable, tmp_path: Path, name: str,
                                                             extra: dict) -> None:
@@ -124,6 +128,7 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(run_task: Callable, 
     assert [(s, k, v) for s, k, v in resumed.ctx.metrics if k not in timed] == after
 
 
+@pytest.mark.slow
 def test_local_c4_resumes_at_the_same_batch(run_task: Callable, tmp_path: Path, write_c4_shards: Callable) -> None:
     """C4 json.gz shards in the allenai/c4 layout, end to end: tokenizer, truncate-and-pad batches, a run killed
     after its checkpoint resumes at the same batch (bitwise the same results)."""

@@ -18,7 +18,7 @@ from pydantic import ValidationError  # noqa: E402
 import optimizers  # noqa: E402
 from tasks.base import Diverged, LocalContext  # noqa: E402
 from tasks.rl.task import RLConfig, RLTask  # noqa: E402
-from tasks.rl.trainer import Trial  # noqa: E402
+from tasks.rl.trainer import RLTrial  # noqa: E402
 
 TASK = RLTask()
 # Two PPO updates of 256 steps per epoch, two passes of 4 minibatches each: about a second per epoch.
@@ -46,7 +46,7 @@ def first_param_group_lrs(opt: torch.optim.Optimizer) -> list[float]:
 
 
 def test_policy_optimizer_is_the_registrys_with_requested_hparams() -> None:
-    trial = Trial.create(tiny(), "spam", SPAM_HPARAMS, seed=0, device="cpu")
+    trial = RLTrial.create(tiny(), "spam", SPAM_HPARAMS, seed=0, device="cpu")
     try:
         opt = trial.model.policy.optimizer
         reference = optimizers.build("spam", [torch.nn.Parameter(torch.zeros(2))], **SPAM_HPARAMS)
@@ -68,9 +68,10 @@ def test_policy_optimizer_is_the_registrys_with_requested_hparams() -> None:
         trial.close()
 
 
+@pytest.mark.slow
 def test_lr_follows_the_benchmark_schedule_not_sb3s() -> None:
     cfg = tiny(lr_schedule="linear")
-    trial = Trial.create(cfg, "adam", {"lr": 1e-3}, seed=0, device="cpu")
+    trial = RLTrial.create(cfg, "adam", {"lr": 1e-3}, seed=0, device="cpu")
     try:
         trial.model.lr_schedule = lambda _progress: 123.0  # SB3's schedule: must never reach the optimizer
         total, rollout = cfg.total_env_steps(), cfg.steps_per_update()
@@ -88,7 +89,7 @@ def test_lr_follows_the_benchmark_schedule_not_sb3s() -> None:
 
 
 def test_constant_schedule_keeps_the_trials_lr() -> None:
-    trial = Trial.create(tiny(epochs=1), "adam", {"lr": 7e-4}, seed=0, device="cpu")
+    trial = RLTrial.create(tiny(epochs=1), "adam", {"lr": 7e-4}, seed=0, device="cpu")
     try:
         trial.model.lr_schedule = lambda _progress: 123.0
         trial.train_epoch()
@@ -119,7 +120,7 @@ def test_unknown_hparam_is_refused() -> None:
 
 def test_total_steps_is_filled_in_and_tagged() -> None:
     cfg = tiny()
-    trial = Trial.create(cfg, "stable_spam", {}, seed=0, device="cpu")
+    trial = RLTrial.create(cfg, "stable_spam", {}, seed=0, device="cpu")
     try:
         assert optimizers.resolved_hparams(trial.model.policy.optimizer)["total_steps"] == cfg.optimizer_steps()
         assert trial.tags()["task_filled_hparams"] == f"total_steps={cfg.optimizer_steps()}"
@@ -132,6 +133,7 @@ def test_non_finite_policy_is_reported_as_diverged() -> None:
         TASK.run(tiny(epochs=1), "adam", {"lr": 1e30}, LocalContext(seed=0, device="cpu"))
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_a_test_return_curve(tmp_path: Path) -> None:
     cfg = TASK.config("smoke")
     assert isinstance(cfg, RLConfig)
@@ -151,6 +153,7 @@ def test_smoke_run_reports_a_test_return_curve(tmp_path: Path) -> None:
     assert ctx.load_checkpoint()["epoch"] == cfg.epochs
 
 
+@pytest.mark.slow
 def test_same_seed_same_curve_on_cpu() -> None:
     def curves(seed: int) -> tuple[list, list]:
         ctx = LocalContext(seed=seed, device="cpu")
@@ -162,10 +165,11 @@ def test_same_seed_same_curve_on_cpu() -> None:
     assert curves(4) != first
 
 
+@pytest.mark.slow
 def test_sac_uses_registry_for_actor_and_critic_and_tags_the_entropy_optimizer() -> None:
     cfg = TASK.config("smoke-sac", {"epochs": 2})
     assert isinstance(cfg, RLConfig)
-    trial = Trial.create(cfg, "spam", SPAM_HPARAMS, seed=0, device="cpu")
+    trial = RLTrial.create(cfg, "spam", SPAM_HPARAMS, seed=0, device="cpu")
     try:
         for opt in (trial.model.actor.optimizer, trial.model.critic.optimizer):
             assert opt.registry_info.name == "spam"
@@ -186,8 +190,8 @@ def test_sac_uses_registry_for_actor_and_critic_and_tags_the_entropy_optimizer()
 def test_checkpoint_round_trip_restores_policy_and_optimizer(tmp_path: Path) -> None:
     cfg = tiny(epochs=1)
     ctx = LocalContext(seed=0, device="cpu", workdir=tmp_path)
-    trial = Trial.create(cfg, "spam", SPAM_HPARAMS, seed=0, device="cpu")
-    fresh = Trial.create(cfg, "spam", SPAM_HPARAMS, seed=1, device="cpu")
+    trial = RLTrial.create(cfg, "spam", SPAM_HPARAMS, seed=0, device="cpu")
+    fresh = RLTrial.create(cfg, "spam", SPAM_HPARAMS, seed=1, device="cpu")
     try:
         trial.train_epoch()
         ctx.save_checkpoint({"trial": trial.state_dict()})

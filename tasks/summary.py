@@ -1,4 +1,5 @@
-"""Aggregate RL returns over runs the way rliable does (Agarwal et al., 2021, "Deep RL at the Edge of the
+"""How a task's final metric is summarised over runs (seeds): the mean with its standard deviation, or, for noisy
+scores such as RL returns, the way rliable does it (Agarwal et al., 2021, "Deep RL at the Edge of the
 Statistical Precipice"): the interquartile mean (IQM) as the point estimate, and a percentile confidence interval
 from a stratified bootstrap over runs.
 
@@ -9,11 +10,34 @@ every resample keeps one score per run and task; the statistic is then computed 
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 Scores = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
+# "mean": mean ± standard deviation over seeds; "iqm": interquartile mean with a 95% stratified-bootstrap interval.
+SummaryKind = Literal["mean", "iqm"]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A cell's point estimate and its spread: the standard deviation (mean) or a confidence interval (iqm)."""
+
+    center: float
+    std: float | None = None
+    interval: tuple[float, float] | None = None
+
+
+def summarise(kind: SummaryKind, values: Sequence[float]) -> Summary | None:
+    """The summary of one cell's values (None without values; no spread below two values)."""
+    if not values:
+        return None
+    if kind == "iqm":
+        return Summary(iqm(values), interval=bootstrap_ci(values) if len(values) >= 2 else None)
+    return Summary(statistics.fmean(values), std=statistics.stdev(values) if len(values) >= 2 else None)
 
 
 def iqm(values: Scores) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.rl.stats import bootstrap_ci, iqm
+from tasks.summary import bootstrap_ci, iqm, summarise
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,14 @@ def test_bootstrap_rejects_bad_arguments(kwargs: dict) -> None:
         bootstrap_ci([1.0, 2.0], **kwargs)
     with pytest.raises(ValueError):
         bootstrap_ci(np.zeros((2, 2, 2)))
+
+
+def test_summarise_follows_the_tasks_declared_summary():
+    import tasks
+
+    assert tasks.get_task("rl").summary == "iqm" and tasks.get_task("llm_pretrain").summary == "mean"
+    mean = summarise("mean", [1.0, 2.0, 6.0])
+    assert mean is not None and mean.center == 3.0 and mean.std == pytest.approx(2.6458, abs=1e-4)
+    robust = summarise("iqm", [1.0, 2.0, 3.0, 100.0])
+    assert robust is not None and robust.center == 2.5 and robust.interval == bootstrap_ci([1.0, 2.0, 3.0, 100.0])
+    assert summarise("iqm", []) is None and summarise("mean", [4.0]) == type(mean)(4.0)
