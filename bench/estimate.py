@@ -13,11 +13,11 @@ ASSUMED_MFU = 0.40
 THROUGHPUT = PEAK_FLOPS * ASSUMED_MFU
 
 # Measured: training tokens per second of one H200 running `mini` LLaMA pre-training trials side by side (whole
-# trials: start-up, data preparation and evaluation included). Source: 6 mini trials of 49M tokens each, 4 at a time
-# at 0.25 GPU, compiled, took 4 minutes at commit f097814 (295M tokens / 240 s). Wall times of other GPU trials are
-# scaled by their FLOPs per token.
-MEASURED_TOKENS_PER_SEC = 1.2e6
-MEASURED_ON = "one H200, mini LLaMA trials packed on the GPU, commit f097814"
+# trials: start-up, data preparation and evaluation included). Source: results/mini/README.md, commit 96c4b68: ten
+# eager mini trials at 0.1 GPU each, BF16 and INT4, about 250M tokens in 480 s (FP4 runs at about 0.2M). Wall times
+# of other GPU trials are scaled by their FLOPs per token.
+MEASURED_TOKENS_PER_SEC = 0.5e6
+MEASURED_ON = "one H200, ten eager mini LLaMA trials at a time in BF16/INT4, commit 96c4b68"
 
 
 @dataclass
