@@ -18,6 +18,8 @@ THROUGHPUT = PEAK_FLOPS * ASSUMED_MFU
 # of other GPU trials are scaled by their FLOPs per token.
 MEASURED_TOKENS_PER_SEC = 0.5e6
 MEASURED_ON = "one H200, ten eager mini LLaMA trials at a time in BF16/INT4, commit 96c4b68"
+# Measured in the same runs: eager FP4 fake quantization trains at about 0.2M tokens/s (2.5x the time).
+QUANT_SLOWDOWN = {"fp4": 2.5}
 
 
 @dataclass
@@ -68,12 +70,18 @@ def measured_flops_per_sec() -> float:
 
 
 def wall_minutes(trials: list[Trial], gpus: int = 1) -> dict[str, float]:
-    """Per task, minutes of wall time of its GPU trials packed on `gpus` GPUs at the measured throughput."""
+    """Per table, minutes of wall time of its GPU trials packed on `gpus` GPUs at the measured throughput (a trial
+    that several tables share counts once, in the first)."""
     rate = measured_flops_per_sec() * gpus
+    table_of: dict[str, str] = {}
+    for t in trials:
+        table_of.setdefault(t.key, t.table)
     out: dict[str, float] = {}
     for spec, e in zip(unique_specs(trials), estimate(trials), strict=True):
         if e.gpus and e.flops:
-            out[spec.task] = out.get(spec.task, 0.0) + e.flops / rate / 60
+            slowdown = QUANT_SLOWDOWN.get(str(spec.config.get("quant", "none")), 1.0)
+            table = table_of[spec.key()]
+            out[table] = out.get(table, 0.0) + e.flops * slowdown / rate / 60
     return out
 
 
@@ -81,6 +89,7 @@ def describe_wall_time(trials: list[Trial], gpus: int = 1) -> str:
     parts = wall_minutes(trials, gpus)
     if not parts:
         return "no GPU trials"
-    each = ", ".join(f"{task} {m:.0f} min" for task, m in parts.items())
+    each = ", ".join(f"{table} {m:.1f} min" for table, m in parts.items())
     return (f"estimated wall time of the GPU trials on {gpus} GPU: {sum(parts.values()):.0f} min ({each}) at "
-            f"{MEASURED_TOKENS_PER_SEC / 1e6:g}M mini-LLaMA tokens/s per GPU (measured: {MEASURED_ON})")
+            f"{MEASURED_TOKENS_PER_SEC / 1e6:g}M mini-LLaMA tokens/s per GPU, FP4 {QUANT_SLOWDOWN['fp4']:g}x slower "
+            f"(measured: {MEASURED_ON})")
