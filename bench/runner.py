@@ -91,7 +91,8 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
         final, status, reason = dict(ctx.last_metrics), "diverged", str(exc)
     except BaseException as exc:
         ctx.flush()
-        interrupted = isinstance(exc, (KeyboardInterrupt, tracking.DiskFullError))
+        # Ctrl-C reaches a trial as KeyboardInterrupt, or as SystemExit when Ray ends the stopped trial's actor
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit, tracking.DiskFullError))
         ctx.set_tags(**{tracking.STATUS_TAG: "interrupted" if interrupted else "failed",
                         "bench.error": f"{type(exc).__name__}: {exc}"[:5000]})
         tracking.retry(lambda: c.log_text(run_id, traceback.format_exc(), "error.txt"))
