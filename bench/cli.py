@@ -191,7 +191,7 @@ def sweep(
                                            f"optimizer's bench_lr_grid, else {DEFAULT_LRS}]")] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds for the best lr of each optimizer")] = 3,
     preset: Annotated[str, typer.Option("--preset", help="task preset")] = "smoke",
-    name: Annotated[str | None, typer.Option("--name", help="name of the sweep [default: sweep-TASK-PRESET]")]
+    name: Annotated[str | None, typer.Option("--name", help="name of the sweep [default: sweep-TASK-PRESET-HASH]")]
     = None,
     address: AddressOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -255,7 +255,7 @@ SWEEP_SUITE = "suite.yaml"  # a sweep's suite, saved beside its results so `benc
 def _save_sweep(suite: Any, out: Path) -> None:
     import yaml
 
-    folder = out / suite.name
+    folder = tracking.inside(out, suite.name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SWEEP_SUITE).write_text(yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False))
 
