@@ -13,7 +13,9 @@ class TrialSpec(BaseModel):
     """task + resolved task config + optimizer + hyperparameters + seed.
 
     `config` holds the task's full resolved config (preset and overrides applied), so two specs that train the same
-    thing have the same key whatever preset name or defaults led to them. `preset` is kept for display only.
+    thing have the same key whatever preset name or defaults led to them. `preset` is kept for display only;
+    `runtime` holds the config fields that choose how the trial executes (its config's ``runtime_fields``) at their
+    defaults: the key reads those, so a trial run compiled or eager is the same trial.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -23,9 +25,11 @@ class TrialSpec(BaseModel):
     optimizer: str
     hparams: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    runtime: dict[str, Any] = Field(default_factory=dict)
 
     def canonical(self) -> str:
-        body = {k: getattr(self, k) for k in ("task", "config", "optimizer", "hparams", "seed")}
+        body = {k: getattr(self, k) for k in ("task", "optimizer", "hparams", "seed")}
+        body["config"] = {**self.config, **self.runtime}
         return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
 
     def key(self) -> str:

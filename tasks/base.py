@@ -66,6 +66,13 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # The field holding the learning rate that a trial without its own ``lr`` uses (`trial_optimizer`).
     lr_field: ClassVar[str] = "lr"
+    # Fields that choose how a trial executes, not what it trains (e.g. torch.compile): the trial's identity reads
+    # them at their defaults, so that changing them reuses the finished trials and resumes the rest from checkpoints.
+    runtime_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def identity_defaults(self) -> dict[str, Any]:
+        """The runtime fields at their defaults, as the trial's identity reads them."""
+        return {name: type(self).model_fields[name].default for name in sorted(self.runtime_fields)}
 
 
 @runtime_checkable

@@ -57,6 +57,19 @@ def test_key_is_content_hash_of_resolved_trial():
     assert a.key() != a.model_copy(update={"hparams": {"lr": 2e-3}}).key()
 
 
+def test_runtime_fields_do_not_change_a_trials_identity():
+    """torch.compile is a runtime field: the mini suite's trials keep the keys they had when it ran eager (the
+    store in results/mini/gpu_store.tar.gz was made eager), while what a trial trains still changes its key."""
+    _, trials = load_trials("mini", only={"llm_pretrain_bf16"})
+    adam0 = next(t for t in trials if t.row == "adam" and t.spec.seed == 0)
+    assert adam0.spec.config["compile"] is True
+    assert adam0.key == "73477b7e6fbdf3e9"  # the key of this trial in the eager store
+    eager = adam0.spec.model_copy(update={"config": {**adam0.spec.config, "compile": False}})
+    assert eager.key() == adam0.key
+    longer = adam0.spec.model_copy(update={"config": {**adam0.spec.config, "steps": 2000}})
+    assert longer.key() != adam0.key
+
+
 def test_same_trial_in_two_tables_runs_once(tmp_path):
     text = GOOD + GOOD.split("experiments:\n", 1)[1].replace("table: tab", "table: other")
     _, trials = load_trials(write(tmp_path, text))
