@@ -1,11 +1,12 @@
-"""The papers' analyses: leaderboard sections (a markdown table and a plot) chosen by the prefix of a table's name.
+"""The papers' analyses: leaderboard sections (a markdown table, most with a plot) that a suite names per table.
 
-`ANALYSES` maps a prefix to its analysis; `leaderboard.write()` runs the analysis of every table whose name starts
-with one, beside the usual table of final metrics. Seeds are aggregated as mean ± sample std (error bars); sweep
+`ANALYSES` maps a name to its analysis; `leaderboard.write()` runs the analysis that a table's experiments name in
+their `analysis` field, beside the usual table of final metrics. Analyses that compare with a row use the table's
+`reference` row (Adam unless the suite names another). Seeds are aggregated as mean ± sample std (error bars); sweep
 plots also show each seed's value and curves the min-max band over seeds. Only finished and diverged trials are read
 (a diverged trial's curves end where it diverged, marked with an x; in sweeps it is an x at the top of the panel).
 
-- ``spikes_*`` — gradient-spike statistics (SPAM's analysis; trials with ``spike_monitor: true``). A gradient entry
+- ``spikes`` — gradient-spike statistics (SPAM's analysis; trials with ``spike_monitor: true``). A gradient entry
   spikes when its Gradient Spike Score GSS = |g| / mean of its past |g| exceeds the trial's ``spike_threshold`` (50;
   `optimizers.spike_monitor`). Per layer type: spikes summed over the run's log windows, and the largest GSS seen;
   the share of spiking entries is total spikes / (parameters × (steps − 1)), the first gradient having no GSS.
@@ -13,22 +14,22 @@ plots also show each seed's value and curves the min-max band over seeds. Only f
   ``loss_spike_window`` (20) step losses (`tasks.llm_pretrain.stats`). Plots: spikes per layer type over steps,
   a heat map of spikes per layer (block) over steps (from the first seed's ``spikes_per_layer.csv``), and the
   loss curve with its loss spikes marked.
-- ``memory_*`` — memory-efficient training: the headline metric beside the measured optimizer-state bytes (all
+- ``memory`` — memory-efficient training: the headline metric beside the measured optimizer-state bytes (all
   tensors of the optimizer's state after its first step; the part held in integer index tensors shown apart),
-  their ratio to Adam's in the same column, and peak GPU memory (torch.cuda.max_memory_allocated; not measured on
-  CPU, shown as such). Plot: metric against optimizer-state memory.
-- ``sensitivity_*`` — final validation loss (the headline metric for tasks without one) against the grid value
+  their ratio to the reference row's in the same column, and peak GPU memory (torch.cuda.max_memory_allocated;
+  not measured on CPU, shown as such). Plot: metric against optimizer-state memory.
+- ``sensitivity`` — final validation loss (the headline metric for tasks without one) against the grid value
   that varies in each column (learning rate, γ1, quant_bits, ...): one panel per column, one line per row.
-- ``dynamics_*`` — training loss and gradient norm over steps for every row and grid point (e.g. Adam in BF16 and
+- ``dynamics`` — training loss and gradient norm over steps for every row and grid point (e.g. Adam in BF16 and
   FP4 at several learning rates), one column of panels per table column.
+- ``steps`` — the papers' "same loss in fewer steps" figure: for each row and column, the first evaluation step at
+  which the row's validation loss reaches the reference row's final one (mean over seeds).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,8 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from bench import tracking
-from bench.leaderboard import Cell, _fmt
+from bench.results import Cell, Results, column_label, fmt, markdown_table, mean_curve
 from bench.suite import Trial
 
 MIB = 2.0**20
@@ -67,18 +67,16 @@ class Series:
 
 @dataclass
 class Analysis:
-    """The trials of one table with their MLflow runs; reads metrics and histories (cached)."""
+    """The trials of one table with the results of their runs."""
 
     table: str
     trials: list[Trial]
-    runs: dict[str, Any]
-    uri: str
+    results: Results
     out: Path
-    _hist: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
 
-    @cached_property
-    def client(self) -> Any:
-        return tracking.client(self.uri)
+    @property
+    def reference(self) -> str:
+        return self.trials[0].reference
 
     @cached_property
     def series(self) -> dict[Series, list[Trial]]:
@@ -94,55 +92,6 @@ class Analysis:
     @property
     def columns(self) -> list[str]:
         return list(dict.fromkeys(s.column for s in self.series))
-
-    def status(self, t: Trial) -> str | None:
-        run = self.runs.get(t.key)
-        return run.data.tags.get(tracking.STATUS_TAG) if run else None
-
-    def done(self, trials: list[Trial]) -> list[Trial]:
-        """Finished and diverged trials (the ones whose metrics can be read)."""
-        return [t for t in trials if self.status(t) in tracking.DONE_STATUSES]
-
-    def final(self, t: Trial, metric: str) -> float | None:
-        run = self.runs.get(t.key)
-        return run.data.metrics.get(f"final.{metric}") if run else None
-
-    def history(self, t: Trial, metric: str) -> list[tuple[int, float]]:
-        key = (t.key, metric)
-        if key not in self._hist:
-            run = self.runs.get(t.key)
-            points = self.client.get_metric_history(run.info.run_id, metric) if run else []
-            self._hist[key] = sorted((m.step, m.value) for m in points)
-        return self._hist[key]
-
-    def cell(self, trials: list[Trial], metric: str) -> Cell:
-        """Final `metric` over the trials (seeds): values of finished trials, diverged ones counted."""
-        cell = Cell()
-        for t in trials:
-            value = self.final(t, metric)
-            if self.status(t) == "diverged":
-                cell.diverged += 1
-            elif self.status(t) == "finished" and value is not None:
-                cell.values.append(value)
-            else:
-                cell.missing += 1
-        return cell
-
-    def artifact_csv(self, t: Trial, name: str) -> list[dict[str, str]]:
-        """Rows of a CSV artifact of the trial's run ([] when it has none)."""
-        import mlflow.artifacts
-
-        run = self.runs.get(t.key)
-        if run is None:
-            return []
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name, dst_path=tmp,
-                                                           tracking_uri=self.uri)
-            except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-                return []
-            with open(path, newline="") as f:
-                return list(csv.DictReader(f))
 
     def write(self, suffix: str, markdown: str) -> Path:
         path = self.out / f"{self.table}_{suffix}.md"
@@ -183,7 +132,7 @@ def _count(x: float) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
-def _spread_text(values: list[float], fmt: Callable[[float], str] = _fmt) -> str:
+def _spread_text(values: list[float], fmt: Callable[[float], str] = fmt) -> str:
     """Mean ± std of the finite values, with a count of the non-finite ones."""
     finite = [v for v in values if math.isfinite(v)]
     bad = f" ({len(values) - len(finite)} non-finite)" if len(finite) < len(values) else ""
@@ -193,44 +142,26 @@ def _spread_text(values: list[float], fmt: Callable[[float], str] = _fmt) -> str
     return fmt(mean) + (f" ± {fmt(sd)}" if len(finite) > 1 else "") + bad
 
 
-def _mean_curve(hists: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Steps, mean, min and max over the histories that have a value at each step."""
-    by_step: dict[int, list[float]] = defaultdict(list)
-    for h in hists:
-        for step, value in h:
-            by_step[step].append(value)
-    steps = sorted(by_step)
-    return (steps, [statistics.fmean(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
-            [max(by_step[s]) for s in steps])
-
-
-def _md_table(title: str, head: list[str], body: list[list[str]], note: str = "") -> str:
-    lines = [title, ""] + ([note, ""] if note else [])
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
-
-
 def _label_of(s: Series) -> str:
     return f"{s.column} / {s.label()}"
 
 
-# --- spikes_*: gradient and loss spikes ------------------------------------------------------------------------
+# --- spikes: gradient and loss spikes ------------------------------------------------------------------------
 
 
 def _spike_totals(a: Analysis, t: Trial) -> dict[str, float]:
     """Per trial: spikes/<type> summed and max_gss/<type> maximised over the log windows; loss spikes."""
-    run = a.runs[t.key]
+    run = a.results.run(t)
     out: dict[str, float] = {}
     for key in run.data.metrics:
         if key.startswith("spikes/"):
-            out[key] = sum(v for _, v in a.history(t, key))
+            out[key] = sum(v for _, v in a.results.history(t, key))
         elif key.startswith("max_gss/"):
-            out[key] = max((v for _, v in a.history(t, key)), default=0.0)
-    total = a.final(t, "loss_spikes_total")
-    out["loss_spikes"] = total if total is not None else sum(v for _, v in a.history(t, "loss_spikes"))
-    out["max_loss_ratio"] = max((v for _, v in a.history(t, "max_loss_ratio")), default=0.0)
-    entries = (a.final(t, "n_params") or 0.0) * max((a.final(t, "steps") or 0.0) - 1, 0.0)
+            out[key] = max((v for _, v in a.results.history(t, key)), default=0.0)
+    total = a.results.final(t, "loss_spikes_total")
+    out["loss_spikes"] = total if total is not None else sum(v for _, v in a.results.history(t, "loss_spikes"))
+    out["max_loss_ratio"] = max((v for _, v in a.results.history(t, "max_loss_ratio")), default=0.0)
+    entries = (a.results.final(t, "n_params") or 0.0) * max((a.results.final(t, "steps") or 0.0) - 1, 0.0)
     if entries and "spikes/total" in out:
         out["share"] = out["spikes/total"] / entries
     return out
@@ -242,16 +173,16 @@ def _spike_row(s: Series, totals: list[dict[str, float]], types: list[str]) -> l
 
     def layer(kind: str) -> str:
         counts, tops = values(f"spikes/{kind}"), values(f"max_gss/{kind}")
-        return f"{_spread_text(counts, _count)} (max {_fmt(max(tops))})" if counts else "—"
+        return f"{_spread_text(counts, _count)} (max {fmt(max(tops))})" if counts else "—"
 
     share = values("share")
     total = _spread_text(values("spikes/total"), _count) + (f" ({statistics.fmean(share):.2e})" if share else "")
     return [s.column, s.label(), total, *[layer(k) for k in types], _spread_text(values("loss_spikes"), _count),
-            _fmt(max(values("max_loss_ratio"), default=0.0)), str(len(totals))]
+            fmt(max(values("max_loss_ratio"), default=0.0)), str(len(totals))]
 
 
 def spike_statistics(a: Analysis) -> Section:
-    totals = {s: [_spike_totals(a, t) for t in a.done(ts)] for s, ts in a.series.items()}
+    totals = {s: [_spike_totals(a, t) for t in a.results.done(ts)] for s, ts in a.series.items()}
     present = {k.split("/", 1)[1] for ds in totals.values() for d in ds for k in d if k.startswith("spikes/")}
     types = [k for k in LAYER_ORDER if k in present]
     thresholds = sorted({t.spec.config.get("spike_threshold", 50.0) for t in a.trials})
@@ -259,11 +190,11 @@ def spike_statistics(a: Analysis) -> Section:
             "loss spikes", "max loss / recent mean", "seeds"]
     body = [_spike_row(s, ds, types) for s, ds in totals.items() if ds]
     note = ("" if types else "No gradient-spike metrics: the trials ran without `spike_monitor: true`. ") + (
-        f"Gradient spike: GSS = |g| / mean of past |g| > {', '.join(_fmt(x) for x in thresholds)}, summed over the "
+        f"Gradient spike: GSS = |g| / mean of past |g| > {', '.join(fmt(x) for x in thresholds)}, summed over the "
         "run; loss spike: step loss > ratio × mean of the previous window of step losses.")
-    markdown = _md_table(f"### {a.table} — gradient spikes per layer type and loss spikes", head, body, note)
+    markdown = markdown_table(f"### {a.table} — gradient spikes per layer type and loss spikes", head, body, [note])
     files = [a.write("spikes", markdown)]
-    done = {s: a.done(ts) for s, ts in a.series.items() if a.done(ts)}
+    done = {s: a.results.done(ts) for s, ts in a.series.items() if a.results.done(ts)}
     if done and types:
         files += [_plot_spikes_over_steps(a, done, types), *_plot_spike_heatmap(a, done)]
     if done:
@@ -275,7 +206,7 @@ def _plot_spikes_over_steps(a: Analysis, done: dict[Series, list[Trial]], types:
     fig, axes = _panels(len(done))
     for ax, (s, trials) in zip(axes[0], done.items(), strict=False):
         for kind in types:
-            steps, mean, _, _ = _mean_curve([a.history(t, f"spikes/{kind}") for t in trials])
+            steps, mean, _, _ = mean_curve([a.results.history(t, f"spikes/{kind}") for t in trials])
             if steps:
                 ax.plot(steps, mean, label=kind)
         ax.set_yscale("symlog", linthresh=1.0)
@@ -316,7 +247,7 @@ def _plot_spike_heatmap(a: Analysis, done: dict[Series, list[Trial]]) -> list[Pa
     layer_csv = tasks.get_task(a.trials[0].spec.task).statistics.get("layer_spikes")
     if layer_csv is None:
         return []
-    matrices = {s: spike_matrix(rows) for s, ts in done.items() if (rows := a.artifact_csv(ts[0], layer_csv))}
+    matrices = {s: spike_matrix(rows) for s, ts in done.items() if (rows := a.results.artifact_csv(ts[0], layer_csv))}
     if not matrices:
         return []
     height = max(3.4, 0.12 * max(len(m[0]) for m in matrices.values()) + 1.5)
@@ -335,12 +266,12 @@ def _plot_spike_heatmap(a: Analysis, done: dict[Series, list[Trial]]) -> list[Pa
 def _plot_loss_spikes(a: Analysis, done: dict[Series, list[Trial]]) -> Path:
     fig, axes = _panels(len(done))
     for ax, (s, trials) in zip(axes[0], done.items(), strict=False):
-        steps, mean, lo, hi = _mean_curve([a.history(t, "loss") for t in trials])
+        steps, mean, lo, hi = mean_curve([a.results.history(t, "loss") for t in trials])
         ax.plot(steps, mean, color="C0", label="loss (mean over seeds)")
         if len(trials) > 1:
             ax.fill_between(steps, lo, hi, color="C0", alpha=0.2)
         loss_at = dict(zip(steps, mean, strict=True))
-        marks = [(st, c) for t in trials for st, c in a.history(t, "loss_spikes") if c > 0 and st in loss_at]
+        marks = [(st, c) for t in trials for st, c in a.results.history(t, "loss_spikes") if c > 0 and st in loss_at]
         if marks:
             ax.scatter([m[0] for m in marks], [loss_at[m[0]] for m in marks], s=[12 + 8 * m[1] for m in marks],
                        color="C3", zorder=3, label="log window with loss spikes")
@@ -352,24 +283,26 @@ def _plot_loss_spikes(a: Analysis, done: dict[Series, list[Trial]]) -> Path:
     return _save(fig, a.out / f"{a.table}_loss_spikes.png")
 
 
-# --- memory_*: optimizer-state bytes, peak GPU memory and the headline metric ----------------------------------
+# --- memory: optimizer-state bytes, peak GPU memory and the headline metric ----------------------------------
 
 
 def _mib(values: list[float]) -> str:
     return f"{statistics.fmean(values) / MIB:.1f} MiB" if values else "—"
 
 
-def _adam_state(a: Analysis, column: str) -> float | None:
+def _reference_state(a: Analysis, column: str) -> float | None:
+    """Mean optimizer-state bytes of the table's reference row in `column` (its first grid point with values)."""
     for s, trials in a.series.items():
-        if s.column == column and trials[0].spec.optimizer in ("adam", "adamw"):
-            values = [v for t in a.done(trials) if (v := a.final(t, "optimizer_state_bytes")) is not None]
+        if s.column == column and s.row == a.reference:
+            done = a.results.done(trials)
+            values = [v for t in done if (v := a.results.final(t, "optimizer_state_bytes")) is not None]
             if values:
                 return statistics.fmean(values)
     return None
 
 
 def _peak_text(a: Analysis, trials: list[Trial]) -> str:
-    values = [v for t in trials if (v := a.final(t, "peak_gpu_memory_bytes")) is not None]
+    values = [v for t in trials if (v := a.results.final(t, "peak_gpu_memory_bytes")) is not None]
     if values:
         return _mib(values)
     return "n/a (CPU run)" if trials else "—"
@@ -379,16 +312,16 @@ def memory_efficiency(a: Analysis) -> Section:
     import tasks
 
     task = tasks.get_task(a.trials[0].spec.task)
-    head = ["column", "optimizer", task.metric, "optimizer state", "vs Adam", "of which index tensors",
+    head = ["column", "optimizer", task.metric, "optimizer state", f"vs {a.reference}", "of which index tensors",
             "peak GPU memory", "seeds"]
     body, points = [], []
     for s, trials in a.series.items():
-        done = a.done(trials)
-        state = [v for t in done if (v := a.final(t, "optimizer_state_bytes")) is not None]
-        index = [v for t in done if (v := a.final(t, "optimizer_state_index_bytes")) is not None]
-        adam = _adam_state(a, s.column)
-        ratio = f"{statistics.fmean(state) / adam:.2f}×" if state and adam else "—"
-        cell = a.cell(trials, task.metric)
+        done = a.results.done(trials)
+        state = [v for t in done if (v := a.results.final(t, "optimizer_state_bytes")) is not None]
+        index = [v for t in done if (v := a.results.final(t, "optimizer_state_index_bytes")) is not None]
+        reference = _reference_state(a, s.column)
+        ratio = f"{statistics.fmean(state) / reference:.2f}×" if state and reference else "—"
+        cell = a.results.cell(trials, task.metric)
         body.append([s.column, s.label(), cell.text(), _mib(state), ratio, _mib(index), _peak_text(a, done),
                      str(cell.seeds)])
         if state and cell.values:
@@ -396,7 +329,7 @@ def memory_efficiency(a: Analysis) -> Section:
     note = ("Optimizer state: bytes of every tensor in the optimizer's state after its first step (integer index "
             "tensors, e.g. the kept-entry sets of sparse momentum, included and shown apart). Peak GPU memory: "
             "torch.cuda.max_memory_allocated over the run; not measured on CPU.")
-    markdown = _md_table(f"### {a.table} — {task.metric} against optimizer memory", head, body, note)
+    markdown = markdown_table(f"### {a.table} — {task.metric} against optimizer memory", head, body, [note])
     files = [a.write("memory", markdown)]
     if points:
         files.append(_plot_memory(a, points, task.metric))
@@ -416,7 +349,7 @@ def _plot_memory(a: Analysis, points: list[tuple[Series, float, float, float]], 
     return _save(fig, a.out / f"{a.table}_memory.png")
 
 
-# --- sensitivity_*: final loss against the grid value that varies ----------------------------------------------
+# --- sensitivity: final loss against the grid value that varies ----------------------------------------------
 
 
 def _sweep_key(keys: set[str]) -> str | None:
@@ -429,7 +362,7 @@ def _sensitivity_metric(a: Analysis) -> str:
     import tasks
 
     task = tasks.get_task(a.trials[0].spec.task)
-    if any(a.final(t, "val_loss") is not None for t in a.trials):
+    if any(a.results.final(t, "val_loss") is not None for t in a.trials):
         return "val_loss"
     return task.metric
 
@@ -449,10 +382,11 @@ def sensitivity(a: Analysis) -> Section:
         lines: dict[str, dict[Any, Cell]] = defaultdict(dict)
         for s, trials in members.items():
             if key in dict(s.point):
-                lines[s.label(leave_out=[key])][dict(s.point)[key]] = a.cell(trials, metric)
+                lines[s.label(leave_out=[key])][dict(s.point)[key]] = a.results.cell(trials, metric)
         xs = sorted({x for cells in lines.values() for x in cells}, key=lambda v: (str(type(v)), v))
         body = [[label, *[cells[x].text() if x in cells else "—" for x in xs]] for label, cells in lines.items()]
-        sections.append(_md_table(f"#### {column}: final {metric} against {key}", ["optimizer", *map(str, xs)], body))
+        sections.append(markdown_table(f"#### {column}: final {metric} against {key}", ["optimizer", *map(str, xs)],
+                                       body))
         panels.append((column, key, xs, lines))
     body = "\n\n".join(sections) or "No grid value varies within a column of this table: nothing to sweep."
     markdown = f"### {a.table} — sensitivity of the final {metric}\n\n{body}"
@@ -493,22 +427,22 @@ def _plot_sensitivity(a: Analysis, panels: list[tuple[str, str, list[Any], dict[
     return _save(fig, a.out / f"{a.table}_sweep.png")
 
 
-# --- dynamics_*: loss and gradient norm over training --------------------------------------------------------
+# --- dynamics: loss and gradient norm over training --------------------------------------------------------
 
 
 def training_dynamics(a: Analysis, metrics: tuple[str, ...] = ("loss", "grad_norm")) -> Section:
     head = ["column", "series", "status", "final loss", "max grad norm", "loss spikes"]
     body = []
     for s, trials in a.series.items():
-        done = a.done(trials)
-        statuses = ", ".join(sorted({a.status(t) or "pending" for t in trials}))
-        last = [h[-1][1] for t in done if (h := a.history(t, "loss"))]
-        peaks = [v for t in done for _, v in a.history(t, "grad_norm") if math.isfinite(v)]
-        spikes = [a.final(t, "loss_spikes_total") for t in done]
-        body.append([s.column, s.label(), statuses, _spread_text(last), _fmt(max(peaks)) if peaks else "—",
+        done = a.results.done(trials)
+        statuses = ", ".join(sorted({a.results.status(t) or "pending" for t in trials}))
+        last = [h[-1][1] for t in done if (h := a.results.history(t, "loss"))]
+        peaks = [v for t in done for _, v in a.results.history(t, "grad_norm") if math.isfinite(v)]
+        spikes = [a.results.final(t, "loss_spikes_total") for t in done]
+        body.append([s.column, s.label(), statuses, _spread_text(last), fmt(max(peaks)) if peaks else "—",
                      _spread_text([v for v in spikes if v is not None], _count)])
-    markdown = _md_table(f"### {a.table} — training loss and gradient norm", head, body)
-    if not any(a.done(ts) for ts in a.series.values()):
+    markdown = markdown_table(f"### {a.table} — training loss and gradient norm", head, body)
+    if not any(a.results.done(ts) for ts in a.series.values()):
         return Section(markdown, [a.write("dynamics", markdown)])
     fig, axes = _panels(len(a.columns), rows=len(metrics))
     for j, column in enumerate(a.columns):
@@ -521,12 +455,12 @@ def _plot_dynamics_panel(ax: Any, a: Analysis, column: str, metric: str) -> None
     """Mean curve over seeds with the min-max band; an x where a seed diverged (its last finite point)."""
     for k, (s, trials) in enumerate((s, ts) for s, ts in a.series.items() if s.column == column):
         color = f"C{k % 10}"
-        steps, mean, lo, hi = _mean_curve([a.history(t, metric) for t in a.done(trials)])
+        steps, mean, lo, hi = mean_curve([a.results.history(t, metric) for t in a.results.done(trials)])
         if steps:
             ax.plot(steps, mean, color=color, marker=".", markersize=3, label=s.label())
             ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
-        ends = [finite[-1] for t in trials if a.status(t) == "diverged"
-                if (finite := [p for p in a.history(t, metric) if math.isfinite(p[1])])]
+        ends = [finite[-1] for t in trials if a.results.status(t) == "diverged"
+                if (finite := [p for p in a.results.history(t, metric) if math.isfinite(p[1])])]
         if ends:
             ax.scatter([e[0] for e in ends], [e[1] for e in ends], marker="x", s=50, color=color,
                        label=f"{s.label()} diverged")
@@ -538,28 +472,62 @@ def _plot_dynamics_panel(ax: Any, a: Analysis, column: str, metric: str) -> None
     ax.legend(fontsize=7)
 
 
+# --- steps: steps to reach the reference row's final loss -----------------------------------------------------
+
+
+def steps_to_reach(a: Analysis, metric: str = "val_loss") -> Section | None:
+    """For each row and column, the first evaluation step at which the row's `metric` reaches the final `metric` of
+    the reference row of that column (mean over its finished seeds); None when the table has no reference row."""
+    if not any(t.row == a.reference for t in a.trials):
+        return None
+
+    def curves(row: str, column: str) -> list[list[tuple[int, float]]]:
+        return [h for t in a.trials if t.row == row and column_label(t) == column
+                and a.results.status(t) == "finished" and (h := a.results.history(t, metric))]
+
+    columns = list(dict.fromkeys(column_label(t) for t in a.trials))
+    body = []
+    for row in dict.fromkeys(t.row for t in a.trials):
+        cells = []
+        for column in columns:
+            targets, mine = curves(a.reference, column), curves(row, column)
+            if not targets or not mine:
+                cells.append("—")
+                continue
+            target = statistics.fmean(h[-1][1] for h in targets)
+            reached = [next((step for step, v in h if v <= target), None) for h in mine]
+            hit = [r for r in reached if r is not None]
+            total = max(h[-1][0] for h in mine)
+            text = f"{statistics.fmean(hit):.0f} of {total}" if hit else f"not reached in {total}"
+            if hit and len(hit) < len(reached):
+                text += f" ({len(hit)}/{len(reached)} seeds)"
+            cells.append(text)
+        body.append([row, *cells])
+    markdown = markdown_table(f"### {a.table} — steps to reach {a.reference}'s final {metric} (lower is better)",
+                              ["optimizer", *columns], body)
+    return Section(markdown, [a.write(f"steps_to_{a.reference}", markdown)])
+
+
 # --- registry --------------------------------------------------------------------------------------------------
 
-ANALYSES: dict[str, Callable[[Analysis], Section]] = {
-    "spikes_": spike_statistics,
-    "memory_": memory_efficiency,
-    "sensitivity_": sensitivity,
-    "dynamics_": training_dynamics,
+# A suite experiment's `analysis` field names one of these.
+ANALYSES: dict[str, Callable[[Analysis], Section | None]] = {
+    "spikes": spike_statistics,
+    "memory": memory_efficiency,
+    "sensitivity": sensitivity,
+    "dynamics": training_dynamics,
+    "steps": steps_to_reach,
 }
 
 
-def analysis_for(table: str) -> Callable[[Analysis], Section] | None:
-    """The analysis a table's name asks for (by prefix), or None."""
-    return next((fn for prefix, fn in ANALYSES.items() if table.startswith(prefix)), None)
-
-
-def run_analyses(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) -> list[Section]:
-    """The sections of every table of `trials` that has an analysis (tables without finished trials are skipped)."""
+def run_analyses(trials: list[Trial], results: Results, out: Path) -> list[Section]:
+    """The sections of every table of `trials` whose suite names an analysis (tables without runs are skipped)."""
     sections = []
     for table in dict.fromkeys(t.table for t in trials):
-        fn = analysis_for(table)
         members = [t for t in trials if t.table == table]
-        if fn is None or not any(runs.get(t.key) for t in members):
+        if members[0].analysis is None or not any(results.run(t) for t in members):
             continue
-        sections.append(fn(Analysis(table, members, runs, uri, out)))
+        section = ANALYSES[members[0].analysis](Analysis(table, members, results, out))
+        if section is not None:
+            sections.append(section)
     return sections

@@ -270,17 +270,14 @@ def _suite_ref(name: str, out: Path) -> str:
 
 def _best_lrs(trials: list[Any], uri: str, experiment: str) -> dict[str, float]:
     import tasks
+    from bench.results import Results
 
-    exp = tracking.client(uri).get_experiment_by_name(experiment)
-    runs = tracking.trial_runs(uri, exp.experiment_id)
+    results = Results.load(uri, experiment)
     best: dict[str, tuple[float, float]] = {}
     for t in trials:
         task = tasks.get_task(t.spec.task)
-        run = runs.get(t.key)
-        if not run or run.data.tags.get(tracking.STATUS_TAG) != "finished":
-            continue
-        value = run.data.metrics.get(f"final.{task.metric}")
-        if value is None:
+        outcome, value = results.outcome(t, task.metric)
+        if outcome != "finished" or value is None:
             continue
         score = value if task.mode == "min" else -value
         if t.spec.optimizer not in best or score < best[t.spec.optimizer][0]:
@@ -354,7 +351,6 @@ def ui(
     os.execvpe(cmd[0], cmd, env)  # the server takes this process's place, so signals reach it directly
 
 
-PERF = ("optimizers", "train")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -369,13 +365,17 @@ def perf(ctx: typer.Context,
         if what is None:
             raise UserError("name the benchmark: bench perf optimizers|train OPTIONS")
         return
-    if what not in PERF:
-        raise UserError(f"unknown benchmark {what!r}; valid: {', '.join(PERF)}")
     if what == "optimizers":
         from optimizers.benchmark import main as bench_main
-    else:
-        from tasks.llm_pretrain.throughput import main as bench_main
-    bench_main(ctx.args)
+
+        bench_main(ctx.args)
+        return
+    import tasks
+
+    offered = {name: task for task in map(tasks.get_task, tasks.available()) for name in task.benchmarks}
+    if what not in offered:
+        raise UserError(f"unknown benchmark {what!r}; valid: {', '.join(['optimizers', *offered])}")
+    offered[what].benchmark(what)(ctx.args)
 
 
 class What(str, Enum):

@@ -8,7 +8,6 @@ runs that make more than one pass over their data flagged.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,54 +16,15 @@ from typing import Any
 
 import yaml
 
-from bench import tracking
+from bench import analyses, tracking
+from bench.results import Cell, Results, column_label, fmt, markdown_table, mean_curve
 from bench.suite import Trial
-from tasks.base import SummaryKind, summarise
 
 PAPER_RESULTS = Path(__file__).parent / "reference" / "paper_results.yaml"
 
 
 def paper_results() -> dict[str, Any]:
     return yaml.safe_load(PAPER_RESULTS.read_text())
-
-
-@dataclass
-class Cell:
-    values: list[float] = field(default_factory=list)
-    diverged: int = 0
-    missing: int = 0
-    failed: int = 0  # trials that ended in an error (counted in `missing` too)
-    summary: SummaryKind = "mean"
-
-    @property
-    def seeds(self) -> int:
-        return len(self.values) + self.diverged
-
-    def center(self) -> float | None:
-        s = summarise(self.summary, self.values)
-        return None if s is None else s.center
-
-    def spread(self) -> str:
-        s = summarise(self.summary, self.values)
-        if s is not None and s.interval is not None:
-            return f" [{_fmt(s.interval[0])}, {_fmt(s.interval[1])}]"
-        return f" ± {_fmt(s.std)}" if s is not None and s.std is not None else ""
-
-    def text(self) -> str:
-        if not self.values and self.diverged:
-            return "diverged" + (f" ({self.diverged}/{self.seeds})" if self.seeds > 1 else "")
-        center = self.center()
-        if center is None:
-            return "failed" if self.failed else "—" if not self.missing else "pending"
-        note = f" ({self.diverged}/{self.seeds} diverged)" if self.diverged else ""
-        return f"{_fmt(center)}{self.spread()}{note}"
-
-
-def _fmt(x: float) -> str:
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    mag = abs(x)
-    return f"{x:.4g}" if mag < 1000 else f"{x:.0f}"
 
 
 @dataclass
@@ -80,6 +40,8 @@ class Table:
     estimates: dict[tuple[str, str], Cell] = field(default_factory=dict)
     data: str = ""
     notes: list[str] = field(default_factory=list)  # scale, model, and why a paper comparison is not like for like
+    # The learning rate of each cell whose trials' grid varies it (their own hyperparameters), for the sweep plot.
+    lrs: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def best(self) -> set[tuple[str, str]]:
         """The (row, column) cells with the best value of their column (all of them on a tie)."""
@@ -114,7 +76,7 @@ class Table:
                     line.append(self.estimates.get((row, col), Cell()).text())
                 if any((r, col) in self.paper for r in self.rows):
                     paper = self.paper.get((row, col))
-                    line.append("" if paper is None else _fmt(paper))
+                    line.append("" if paper is None else fmt(paper))
             line.append(str(max((c.seeds for (r, _), c in self.cells.items() if r == row), default=0)))
             out.append(line)
         return out
@@ -126,12 +88,8 @@ class Table:
         if self.estimates:
             title += ("; ours exact, beside it the papers' estimator on the same batches, the one the papers' "
                       "numbers are compared with")
-        lines = [title, ""]
-        lines += [f"{n}  " for n in self.notes] + ([""] if self.notes else [])
-        lines += [self.data, ""] if self.data else []
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in self.body(mark="**")]
-        return "\n".join(lines)
+        notes = ["\n".join(f"{n}  " for n in self.notes)] if self.notes else []
+        return markdown_table(title, head, self.body(mark="**"), notes + ([self.data] if self.data else []))
 
     def long_rows(self) -> list[dict[str, Any]]:
         """One record per cell (ours and the paper's), for the long-format CSV."""
@@ -148,7 +106,7 @@ class Table:
                 if (row, col) in self.paper:
                     value = self.paper[(row, col)]
                     out.append({"table": self.name, "metric": self.metric, "mode": self.mode, "source": "paper",
-                                "row": row, "column": col, "value": value, "text": _fmt(value)})
+                                "row": row, "column": col, "value": value, "text": fmt(value)})
         return out
 
     def csv(self) -> str:
@@ -162,13 +120,7 @@ class Table:
         return buf.getvalue()
 
 
-def _column(trial: Trial) -> str:
-    if not trial.point:
-        return trial.column
-    return trial.column + " " + ",".join(f"{k}={v}" for k, v in sorted(trial.point.items()))
-
-
-def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
+def build_tables(trials: list[Trial], results: Results) -> list[Table]:
     """Group trials by table, row and column; read each trial's final metric from its run."""
     import tasks
 
@@ -180,44 +132,28 @@ def build_tables(trials: list[Trial], runs: dict[str, Any]) -> list[Table]:
     for name, members in grouped.items():
         task = tasks.get_task(members[0].spec.task)
         metric = task.metric
-        summary = task.summary
         rows = list(dict.fromkeys(t.row for t in members))
-        columns = list(dict.fromkeys(_column(t) for t in members))
+        columns = list(dict.fromkeys(column_label(t) for t in members))
         paper_metric = task.paper_metric or metric
-        cells: dict[tuple[str, str], Cell] = {}
-        estimates: dict[tuple[str, str], Cell] = {}
-        seen: set[tuple[str, str, str]] = set()
+        by_cell: dict[tuple[str, str], list[Trial]] = {}
         for t in members:
-            if (t.row, _column(t), t.key) in seen:
-                continue
-            seen.add((t.row, _column(t), t.key))
-            run = runs.get(t.key)
-            _add(cells.setdefault((t.row, _column(t)), Cell(summary=summary)), run, metric)
-            if paper_metric != metric:
-                _add(estimates.setdefault((t.row, _column(t)), Cell(summary=summary)), run, paper_metric)
+            group = by_cell.setdefault((t.row, column_label(t)), [])
+            if all(m.key != t.key for m in group):
+                group.append(t)
+        cells = {k: results.cell(g, metric, task.summary) for k, g in by_cell.items()}
+        estimates = {k: results.cell(g, paper_metric, task.summary) for k, g in by_cell.items()
+                     } if paper_metric != metric else {}
+        lrs = {k: float(g[0].spec.hparams["lr"]) for k, g in by_cell.items() if "lr" in g[0].point}
         paper = {}
         for row, cols in (reference.get(name, {}).get("results") or {}).items():
             for col, value in cols.items():
                 for c in columns:
                     if c == col or c.startswith(f"{col} "):
                         paper[(row, c)] = value
-        notes = provenance(members, runs, compared=bool(paper))
+        notes = provenance(members, results.runs, compared=bool(paper))
         tables.append(Table(name, metric, task.mode, rows, columns, cells, paper, estimates,
-                            data_statement(members, runs), notes))
+                            data_statement(members, results.runs), notes, lrs))
     return tables
-
-
-def _add(cell: Cell, run: Any, metric: str) -> None:
-    """Count a trial's final `metric` into `cell` (diverged, finished with a value, or missing)."""
-    status = run.data.tags.get(tracking.STATUS_TAG) if run else None
-    value = run.data.metrics.get(f"final.{metric}") if run else None
-    if status == "diverged":
-        cell.diverged += 1
-    elif status == "finished" and value is not None:
-        cell.values.append(value)
-    else:
-        cell.missing += 1
-        cell.failed += status == "failed"
 
 
 def data_statement(trials: list[Trial], runs: dict[str, Any]) -> str:
@@ -274,7 +210,7 @@ def provenance(members: list[Trial], runs: dict[str, Any], compared: bool) -> li
     return notes
 
 
-def plot_curves(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) -> list[Path]:
+def plot_curves(trials: list[Trial], results: Results, out: Path) -> list[Path]:
     """One PNG per table and column: the headline metric's curve for each row, averaged over seeds."""
     import matplotlib
 
@@ -283,7 +219,6 @@ def plot_curves(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) 
 
     import tasks
 
-    c = tracking.client(uri)
     paths = []
     by_table: dict[str, list[Trial]] = defaultdict(list)
     for t in trials:
@@ -291,21 +226,16 @@ def plot_curves(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) 
     for table, members in by_table.items():
         task = tasks.get_task(members[0].spec.task)
         metric = task.metric
-        columns = list(dict.fromkeys(_column(t) for t in members))
+        columns = list(dict.fromkeys(column_label(t) for t in members))
         fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.4), squeeze=False)
         drew = False
         for ax, col in zip(axes[0], columns, strict=True):
             curves: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
             for t in members:
-                run = runs.get(t.key)
-                if _column(t) != col or run is None:
-                    continue
-                hist = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric))
-                if hist:
+                if column_label(t) == col and (hist := results.history(t, metric)):
                     curves[t.row].append(hist)
             for row, hists in curves.items():
-                steps = sorted({s for h in hists for s, _ in h})
-                mean = [statistics.fmean([dict(h)[s] for h in hists if s in dict(h)]) for s in steps]
+                steps, mean, _, _ = mean_curve(hists)
                 ax.plot(steps, mean, label=row)
                 drew = True
             ax.set_title(col, fontsize=9)
@@ -325,7 +255,7 @@ def plot_curves(trials: list[Trial], runs: dict[str, Any], uri: str, out: Path) 
 
 
 def plot_sweeps(tables: list[Table], out: Path) -> list[Path]:
-    """For tables whose columns vary the learning rate: final metric against lr, one line per optimizer."""
+    """For tables whose grid varies the learning rate: final metric against the trials' lr, one line per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +265,7 @@ def plot_sweeps(tables: list[Table], out: Path) -> list[Path]:
     for table in tables:
         series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         for (row, col), cell in table.cells.items():
-            lr = _lr_of(col)
+            lr = table.lrs.get((row, col))
             center = cell.center()
             if lr is not None and center is not None:
                 sd = statistics.stdev(cell.values) if len(cell.values) > 1 else 0.0
@@ -360,68 +290,11 @@ def plot_sweeps(tables: list[Table], out: Path) -> list[Path]:
     return paths
 
 
-def _lr_of(column: str) -> float | None:
-    for part in column.replace(" ", ",").split(","):
-        if part.startswith("lr="):
-            try:
-                return float(part[3:])
-            except ValueError:
-                return None
-    return None
-
-
-def _histories(trials: list[Trial], runs: dict[str, Any], uri: str, metric: str) -> dict[str, list[tuple[int, float]]]:
-    c = tracking.client(uri)
-    out = {}
-    for t in trials:
-        run = runs.get(t.key)
-        if run is not None and t.key not in out and run.data.tags.get(tracking.STATUS_TAG) == "finished":
-            out[t.key] = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric))
-    return out
-
-
-def steps_to_reach(table: str, trials: list[Trial], runs: dict[str, Any], uri: str, baseline: str = "adam",
-                   metric: str = "val_loss") -> str | None:
-    """The papers' "same loss in fewer steps" figure: for each row and column, the first evaluation step at which
-    the row's `metric` reaches the final `metric` of the `baseline` row of that column (mean over seeds)."""
-    members = [t for t in trials if t.table == table]
-    if not any(t.row == baseline for t in members):
-        return None
-    hist = _histories(members, runs, uri, metric)
-    columns = list(dict.fromkeys(_column(t) for t in members))
-    rows = list(dict.fromkeys(t.row for t in members))
-    lines = [f"### {table} — steps to reach {baseline}'s final {metric} (lower is better)", "",
-             "| optimizer | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for row in rows:
-        cells = []
-        for col in columns:
-            target_runs = [hist[t.key] for t in members if t.row == baseline and _column(t) == col and hist.get(t.key)]
-            mine = [hist[t.key] for t in members if t.row == row and _column(t) == col and hist.get(t.key)]
-            if not target_runs or not mine:
-                cells.append("—")
-                continue
-            target = statistics.fmean(h[-1][1] for h in target_runs)
-            reached = [next((step for step, v in h if v <= target), None) for h in mine]
-            hit = [r for r in reached if r is not None]
-            total = max(h[-1][0] for h in mine)
-            text = f"{statistics.fmean(hit):.0f} of {total}" if hit else f"not reached in {total}"
-            if hit and len(hit) < len(reached):
-                text += f" ({len(hit)}/{len(reached)} seeds)"
-            cells.append(text)
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# Tables whose paper claims a "same final loss in fewer steps" figure.
-STEPS_TABLES = ("llm_pretrain_4bit",)
-
-
 def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = "md",
           parent_run_id: str | None = None) -> tuple[str, list[Path]]:
     """Build tables and plots for a suite's trials; write them under `out` (and to the parent run, if given)."""
-    exp = tracking.client(uri).get_experiment_by_name(experiment)
-    runs = tracking.trial_runs(uri, exp.experiment_id) if exp else {}
-    tables = build_tables(trials, runs)
+    results = Results.load(uri, experiment)
+    tables = build_tables(trials, results)
     out.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(t.markdown() for t in tables)
     records = [r for t in tables for r in t.long_rows()]
@@ -431,18 +304,7 @@ def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = 
         (out / f"{t.name}.csv").write_text(t.csv())
         files += [out / f"{t.name}.md", out / f"{t.name}.csv"]
     sections = [t.markdown() for t in tables]
-    for name in STEPS_TABLES:
-        extra = steps_to_reach(name, trials, runs, uri)
-        if extra:
-            sections.append(extra)
-            records += markdown_records(extra)
-            (out / f"{name}_steps_to_adam.md").write_text(extra + "\n")
-            files.append(out / f"{name}_steps_to_adam.md")
-            if fmt == "md":
-                text += "\n\n" + extra
-    from bench import analyses
-
-    for section in analyses.run_analyses(trials, runs, uri, out):  # tables named spikes_*, memory_*, ...
+    for section in analyses.run_analyses(trials, results, out):  # the tables whose suite names an analysis
         sections.append(section.markdown)
         records += markdown_records(section.markdown)
         files += section.files
@@ -454,8 +316,9 @@ def write(trials: list[Trial], uri: str, experiment: str, out: Path, fmt: str = 
     files += [out / "leaderboard.md", out / "leaderboard.csv"]
     if fmt == "csv":
         text = long_csv
-    plain = [t for t in tables if analyses.analysis_for(t.name) is None]  # analyses draw their own sweeps
-    files += plot_curves(trials, runs, uri, out) + plot_sweeps(plain, out)
+    analysed = {t.table for t in trials if t.analysis}
+    plain = [t for t in tables if t.name not in analysed]  # analyses draw their own sweeps
+    files += plot_curves(trials, results, out) + plot_sweeps(plain, out)
     if parent_run_id:
         c = tracking.client(uri)
         for f in files:

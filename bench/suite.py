@@ -15,9 +15,13 @@ A suite file looks like::
           - adamw
           - {name: spam, label: spam, hparams: {warmup_steps: 5, reset_interval: 20}}
         seeds: [0, 1]               # or a count: 3 -> [0, 1, 2]
+        analysis: sensitivity       # optional: the table's analysis, a name of `bench.analyses.ANALYSES`
+        reference: adam             # optional: the row the table's analyses compare with (default adam)
 
 A list value in `overrides` or `hparams` is a grid axis (write a list-valued setting such as betas as a list of
-lists: `betas: [[0.9, 0.95]]`). Top-level keys starting with `x-` are ignored: use them for YAML anchors.
+lists: `betas: [[0.9, 0.95]]`). `analysis` and `reference` belong to the table: every experiment of a table states
+the same ones (or none); they do not enter a trial's identity. Top-level keys starting with `x-` are ignored: use
+them for YAML anchors.
 Suite and table names become file names: letters, digits, `.`, `_`, `-`, at most 100 characters. A file whose
 anchors expand past `MAX_YAML_NODES` values or that nests deeper than `MAX_YAML_DEPTH` is refused.
 Every error names the file, the line and the field.
@@ -39,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench.spec import TrialSpec
 from bench.tracking import short
@@ -63,6 +67,7 @@ _Loader.add_implicit_resolver(
 MAX_YAML_NODES = 100_000  # values after anchors are expanded (a "billion laughs" file is refused, not built)
 MAX_YAML_DEPTH = 32
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # names that become file and folder names
+DEFAULT_REFERENCE = "adam"  # the row a table's analyses compare with where its experiments name none
 
 
 class SuiteError(ValueError):
@@ -137,6 +142,19 @@ class Experiment(BaseModel):
     hparams: dict[str, Any] = Field(default_factory=dict)
     optimizers: list[str | OptimizerEntry] = Field(min_length=1)
     seeds: list[int] | int = Field(default_factory=lambda: [0])
+    analysis: str | None = Field(None, description="the table's analysis beside its final metrics (a name of "
+                                 "`bench.analyses.ANALYSES`)")
+    reference: str | None = Field(None, description="the row (label) the table's analyses compare with "
+                                  f"[default: {DEFAULT_REFERENCE}]")
+
+    @field_validator("analysis")
+    @classmethod
+    def _analysis(cls, v: str | None) -> str | None:
+        from bench.analyses import ANALYSES
+
+        if v is not None and v not in ANALYSES:
+            raise ValueError(f"unknown analysis {v!r}; valid: {', '.join(ANALYSES)}")
+        return v
 
     @field_validator("table")
     @classmethod
@@ -166,6 +184,20 @@ class Suite(BaseModel):
     def _name(cls, v: str) -> str:
         return _safe_name(v)
 
+    @model_validator(mode="after")
+    def _one_setting_per_table(self) -> Suite:
+        for what in ("analysis", "reference"):
+            by_table: dict[str, set[str | None]] = {}
+            for e in self.experiments:
+                value = e.analysis if what == "analysis" else e.reference or DEFAULT_REFERENCE
+                by_table.setdefault(e.table or e.task, set()).add(value)
+            for table, values in by_table.items():
+                if len(values) > 1:
+                    names = ", ".join(sorted(str(v) if v else "none" for v in values))
+                    raise ValueError(f"the experiments of table {table!r} give `{what}` different values ({names}); "
+                                     "give each of them the same one")
+        return self
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -176,6 +208,8 @@ class Trial:
     column: str
     row: str
     point: dict[str, Any] = field(default_factory=dict)  # the grid values that vary within its experiment
+    analysis: str | None = None  # the table's analysis (`bench.analyses.ANALYSES`)
+    reference: str = DEFAULT_REFERENCE  # the row the table's analyses compare with
 
     @property
     def key(self) -> str:
@@ -494,9 +528,15 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
                         )
                         trials.extend(
                             Trial(spec=spec_, table=exp.table or exp.task, column=column,
-                                  row=entry.label or entry.name, point=point)
+                                  row=entry.label or entry.name, point=point, analysis=exp.analysis,
+                                  reference=exp.reference or DEFAULT_REFERENCE)
                             for column in columns
                         )
+    for i, exp in enumerate(suite.experiments):
+        rows = {t.row for t in trials if t.table == (exp.table or exp.task)}
+        if exp.reference is not None and i in selected and rows and exp.reference not in rows:
+            errors.append(f"{_where(path, root, ('experiments', i, 'reference'))}: reference {exp.reference!r} is "
+                          f"not a row of table {exp.table or exp.task!r}; rows: {', '.join(sorted(rows))}")
     if errors:
         unique = list(dict.fromkeys(errors))
         more = f"\n  ... and {len(unique) - 20} more" if len(unique) > 20 else ""

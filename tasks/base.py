@@ -6,7 +6,8 @@ trains with an optimizer from the `optimizers` registry and reports metrics thro
 `trial_optimizer` is the one place that turns a trial's optimizer name and hyperparameters, with the task's values,
 into the registry's verified optimizer; `torch_threads`, `seed_everything`, `rng_state`, `cache_dir` and
 `hub_offline_reason` are shared by the tasks. A task declares how its results are summarised (`summary`, module
-`tasks.summary`) and which per-run statistics it writes (`statistics`), so the harness reads them from here.
+`tasks.summary`), which per-run statistics it writes (`statistics`) and which command-line benchmarks it offers
+(`benchmarks`), so the harness reads them from here.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import random
 import socket
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 from urllib.parse import urlparse
@@ -309,10 +311,18 @@ class Task(ABC):
     paper_metric: ClassVar[str | None] = None
     # Per-run statistics the task writes as artifacts, by name (e.g. "layer_spikes": a CSV file), for the analyses.
     statistics: ClassVar[dict[str, str]] = {}
+    # Command-line benchmarks the task offers (`bench perf NAME ARGS...`): name -> "module:function", a function that
+    # takes the arguments after the name.
+    benchmarks: ClassVar[dict[str, str]] = {}
 
     def summarise(self, values: Sequence[float]) -> Summary | None:
         """The summary of one cell's final `metric` values (None without values)."""
         return summarise(self.summary, values)
+
+    def benchmark(self, name: str) -> Callable[[list[str]], Any]:
+        """The entry point of one of `benchmarks`."""
+        module, function = self.benchmarks[name].split(":")
+        return getattr(import_module(module), function)
 
     def config(self, preset: str = "smoke", overrides: dict[str, Any] | None = None) -> TaskConfig:
         """The validated config of a preset with overrides applied (raises KeyError / ValidationError)."""

@@ -186,6 +186,7 @@ class LLMPretrainTask(Task):
     metric = "val_perplexity"
     paper_metric = PAPER_ESTIMATE
     statistics = {"layer_spikes": LAYER_CSV}
+    benchmarks = {"train": "tasks.llm_pretrain.throughput:main"}  # tokens/s and MFU of training steps
     mode = "min"
 
     def resources(self, cfg: TaskConfig) -> Resources:

@@ -80,6 +80,12 @@ CASES = {
     "unwritable tracking uri": (["run", "--suite", "{f}", "--tracking-uri", "sqlite:////proc/x/mlflow.db"], GOOD,
                                 "cannot create the store's folder /proc/x"),
     "unknown tracking scheme": (["run", "--suite", "{f}", "--tracking-uri", "ftp://h/x"], GOOD, "unsupported scheme"),
+    "unknown analysis": (["run", "--suite", "{f}"], GOOD + "    analysis: spikez\n",
+                         "unknown analysis 'spikez'; valid: spikes, memory, sensitivity, dynamics, steps"),
+    "two analyses for one table": (["run", "--suite", "{f}"], GOOD + "    analysis: spikes\n" + GOOD.split("\n", 2)[2]
+                                   + "    analysis: memory\n", "give `analysis` different values (memory, spikes)"),
+    "reference that is no row": (["run", "--suite", "{f}"], GOOD + "    reference: sgd\n",
+                                 "reference 'sgd' is not a row of table 'llm_pretrain'; rows: adamw"),
     "zero seeds in sweep": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--seeds", "0"], None,
                             "--seeds"),
 }

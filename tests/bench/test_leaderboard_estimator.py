@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench import leaderboard, tracking
+from bench.results import Results
 from bench.runner import run_trial
 from bench.suite import Experiment, OptimizerEntry, Suite, expand
 from tasks.llm_pretrain.task import PAPER_ESTIMATE
@@ -32,7 +33,7 @@ def test_llm_table_shows_both_perplexities_labelled(tmp_path: Path) -> None:
         run_trial({"spec": spec.model_dump(), "tracking_uri": uri, "run_id": run_id,
                    "trial_dir": str(tmp_path / "trial"), "gpus": 0}, tune_report=False)
         run = MlflowClient(uri).get_run(run_id)
-        (table,) = leaderboard.build_tables(trials, {spec.key(): run})
+        (table,) = leaderboard.build_tables(trials, Results(uri, {spec.key(): run}))
     finally:
         mp.undo()
     ours, estimate = run.data.metrics["final.val_perplexity"], run.data.metrics[f"final.{PAPER_ESTIMATE}"]
