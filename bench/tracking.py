@@ -1,4 +1,5 @@
-"""MLflow tracking: where the store lives, one parent run per invocation, one child run per trial (keyed by hash)."""
+"""MLflow tracking: where the store lives, one parent run per invocation, one child run per trial (keyed by hash),
+and the MLflow UI server of `bench ui`."""
 
 from __future__ import annotations
 
@@ -224,6 +225,39 @@ def experiment_id(uri: str, name: str) -> str:
 LEADERBOARD_VIEW = "leaderboard"  # the MLflow UI opens it at /#/experiments/ID/runs?viewStateShareKey=leaderboard
 LEADERBOARD_NAME = "Leaderboard"  # its name in the UI's list of saved views
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3's model-training pages (its UI starts in GenAI mode)
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's experiment tag for a saved runs-page view
+
+
+def set_leaderboard_view(uri: str, exp_id: str, metrics: list[str], lower_is_better: bool) -> None:
+    """Save a runs-page view in the experiment: trial runs grouped by table, label and lr with the mean of the
+    headline metrics (`final.<metric>`), sorted by the first; and describe it on the experiment page."""
+    columns = [f"tags.`bench.{k}`" for k in ("table", "label", "optimizer", "status")]
+    columns += ["params.`hparams.lr`", "params.`seed`"] + [f"metrics.`final.{m}`" for m in metrics]
+    view = {
+        "searchFilter": f"tags.`{KEY_TAG}` != ''", "orderByKey": f"metrics.`final.{metrics[0]}`",
+        "orderByAsc": lower_is_better, "selectedColumns": columns,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [
+            {"mode": "tag", "groupByData": "bench.table"}, {"mode": "tag", "groupByData": "bench.label"},
+            {"mode": "param", "groupByData": "hparams.lr"}]},
+    }
+    c = client(uri)
+    now = int(time.time() * 1000)  # MLflow 3's saved-view record, listed under the runs page's "Views" menu
+    saved = {"name": LEADERBOARD_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view)}
+    retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(saved)))
+    note = (f"Leaderboard: on the Runs page pick Views > {LEADERBOARD_NAME} (`bench ui` also prints its link) "
+            "for the trials grouped by table, row label and learning rate, with the mean of "
+            + ", ".join(f"`final.{m}`" for m in metrics) + " over seeds. Each parent run holds the leaderboard "
+            "tables as artifacts (`leaderboard/`).")
+    retry(lambda: c.set_experiment_tag(exp_id, "mlflow.note.content", note))
+
+
+def leaderboard_links(uri: str, base: str) -> list[str]:
+    """`experiment: link` for every experiment of the store that has a leaderboard view."""
+    c = client(uri)
+    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={LEADERBOARD_VIEW}"
+            for e in c.search_experiments() if SHARED_VIEW_TAG + LEADERBOARD_VIEW in e.tags]
+
+
 # MLflow 3's UI takes its GenAI / model-training switch from the address (UI_QUERY) or from this browser setting, never
 # from the experiment's kind tag (mlflow/server/js/src/common/contexts/WorkflowTypeContext.tsx, MLflow 3.17).
 # The page's first script makes model training that setting where the browser has none (a choice made is kept).
@@ -297,37 +331,6 @@ def serve_ui(uri: str, host: str, port: int) -> None:
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     cli.main(["server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1",
               "--app-name", UI_APP], prog_name="mlflow")
-SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's experiment tag for a saved runs-page view
-
-
-def set_leaderboard_view(uri: str, exp_id: str, metrics: list[str], lower_is_better: bool) -> None:
-    """Save a runs-page view in the experiment: trial runs grouped by table, label and lr with the mean of the
-    headline metrics (`final.<metric>`), sorted by the first; and describe it on the experiment page."""
-    columns = [f"tags.`bench.{k}`" for k in ("table", "label", "optimizer", "status")]
-    columns += ["params.`hparams.lr`", "params.`seed`"] + [f"metrics.`final.{m}`" for m in metrics]
-    view = {
-        "searchFilter": f"tags.`{KEY_TAG}` != ''", "orderByKey": f"metrics.`final.{metrics[0]}`",
-        "orderByAsc": lower_is_better, "selectedColumns": columns,
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [
-            {"mode": "tag", "groupByData": "bench.table"}, {"mode": "tag", "groupByData": "bench.label"},
-            {"mode": "param", "groupByData": "hparams.lr"}]},
-    }
-    c = client(uri)
-    now = int(time.time() * 1000)  # MLflow 3's saved-view record, listed under the runs page's "Views" menu
-    saved = {"name": LEADERBOARD_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view)}
-    retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(saved)))
-    note = (f"Leaderboard: on the Runs page pick Views > {LEADERBOARD_NAME} (`bench ui` also prints its link) "
-            "for the trials grouped by table, row label and learning rate, with the mean of "
-            + ", ".join(f"`final.{m}`" for m in metrics) + " over seeds. Each parent run holds the leaderboard "
-            "tables as artifacts (`leaderboard/`).")
-    retry(lambda: c.set_experiment_tag(exp_id, "mlflow.note.content", note))
-
-
-def leaderboard_links(uri: str, base: str) -> list[str]:
-    """`experiment: link` for every experiment of the store that has a leaderboard view."""
-    c = client(uri)
-    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={LEADERBOARD_VIEW}"
-            for e in c.search_experiments() if SHARED_VIEW_TAG + LEADERBOARD_VIEW in e.tags]
 
 
 def git_commit() -> str:
