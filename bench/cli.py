@@ -344,11 +344,8 @@ def ui(
     say(f"MLflow UI for {uri} on http://{host}:{port}/#/experiments?{tracking.UI_QUERY} (Ctrl-C to stop)")
     for link in tracking.leaderboard_links(uri, f"http://{host}:{port}"):
         say(f"leaderboard of {link}")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", "1"]
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, env)  # the server takes this process's place, so signals reach it directly
+    tracking.serve_ui(uri, host, port)
 
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

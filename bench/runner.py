@@ -194,6 +194,19 @@ def _connect_hint(exc: BaseException) -> str:
             "(with RAY_AUTH_MODE=token if you set RAY_AUTH_MODE).")
 
 
+# A local Ray instance's sockets lie at DIR/session_<date>_<pid>/sockets/plasma_store[.N]: about 70 bytes after DIR,
+# under the 107 a Unix socket path may have (ray/_private/utils.py: validate_socket_filepath, Ray 2.60).
+RAY_SOCKET_ROOM = 70
+UNIX_SOCKET_PATH_MAX = 107
+
+
+def ray_temp_dir() -> Path | None:
+    """Where a new local Ray instance keeps its session (logs, sockets): $BENCH_HOME/ray when that path is short
+    enough for Ray's Unix sockets, else None (Ray's default, /tmp/ray)."""
+    path = tracking.home() / "ray"
+    return path if len(str(path).encode()) + RAY_SOCKET_ROOM <= UNIX_SOCKET_PATH_MAX else None
+
+
 def _init_ray(opts: RunOptions) -> None:
     import ray
 
@@ -208,10 +221,14 @@ def _init_ray(opts: RunOptions) -> None:
             _use_cluster_token()
             ray.init(address=opts.address, **kwargs)
         else:
+            if (temp := ray_temp_dir()) is not None:
+                kwargs["_temp_dir"] = str(temp)
             ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)  # never a cluster found on disk
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or its own types
         raise ClusterError(f"could not connect to Ray at {opts.address or 'a new local instance'}: "
                            f"{_connect_hint(exc)}") from None
+    context = ray.get_runtime_context()
+    log.info("Ray's logs: %s", Path(context.get_temp_dir()) / context.get_session_name() / "logs")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and tracking.is_local_uri(opts.tracking_uri):
         ray.shutdown()

@@ -1,4 +1,5 @@
-"""MLflow tracking: where the store lives, one parent run per invocation, one child run per trial (keyed by hash)."""
+"""MLflow tracking: where the store lives, one parent run per invocation, one child run per trial (keyed by hash),
+and the MLflow UI server of `bench ui`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
@@ -221,6 +223,7 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 LEADERBOARD_VIEW = "leaderboard"  # the MLflow UI opens it at /#/experiments/ID/runs?viewStateShareKey=leaderboard
+LEADERBOARD_NAME = "Leaderboard"  # its name in the UI's list of saved views
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3's model-training pages (its UI starts in GenAI mode)
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's experiment tag for a saved runs-page view
 
@@ -238,9 +241,11 @@ def set_leaderboard_view(uri: str, exp_id: str, metrics: list[str], lower_is_bet
             {"mode": "param", "groupByData": "hparams.lr"}]},
     }
     c = client(uri)
-    retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(view)))
-    note = (f"Leaderboard: add `&viewStateShareKey={LEADERBOARD_VIEW}` to this page's address (`bench ui` prints "
-            "the link) for the trials grouped by table, row label and learning rate, with the mean of "
+    now = int(time.time() * 1000)  # MLflow 3's saved-view record, listed under the runs page's "Views" menu
+    saved = {"name": LEADERBOARD_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view)}
+    retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(saved)))
+    note = (f"Leaderboard: on the Runs page pick Views > {LEADERBOARD_NAME} (`bench ui` also prints its link) "
+            "for the trials grouped by table, row label and learning rate, with the mean of "
             + ", ".join(f"`final.{m}`" for m in metrics) + " over seeds. Each parent run holds the leaderboard "
             "tables as artifacts (`leaderboard/`).")
     retry(lambda: c.set_experiment_tag(exp_id, "mlflow.note.content", note))
@@ -251,6 +256,81 @@ def leaderboard_links(uri: str, base: str) -> list[str]:
     c = client(uri)
     return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={LEADERBOARD_VIEW}"
             for e in c.search_experiments() if SHARED_VIEW_TAG + LEADERBOARD_VIEW in e.tags]
+
+
+# MLflow 3's UI takes its GenAI / model-training switch from the address (UI_QUERY) or from this browser setting, never
+# from the experiment's kind tag (mlflow/server/js/src/common/contexts/WorkflowTypeContext.tsx, MLflow 3.17).
+# The page's first script makes model training that setting where the browser has none (a choice made is kept).
+UI_DEFAULT_WORKFLOW = (b'<script>try{const k="mlflow.workflowType_v1";localStorage.getItem(k)||'
+                       b'localStorage.setItem(k,JSON.stringify("machine_learning"))}catch(e){}</script>')
+UI_APP = "bench-ui"  # the name `bench ui` gives its server app (`mlflow server --app-name`)
+
+
+class ModelTrainingFirst:
+    """MLflow's server (ASGI) whose page opens on the model-training view in a browser that has not chosen one, also
+    for experiments opened from the UI's list (their links carry no `workflowType`); the UI's own switch still works."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/":
+            return await self.app(scope, receive, send)
+        conditional = (b"if-none-match", b"if-modified-since", b"accept-encoding")  # always the full page, unzipped
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in conditional]}
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def rewrite(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if start["status"] == 200:
+                body = body.replace(b"<head>", b"<head>" + UI_DEFAULT_WORKFLOW, 1)
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)
+
+
+def ui_app() -> ModelTrainingFirst:
+    """The server app of `bench ui`: MLflow's own, opening on the model-training view."""
+    from mlflow.server.fastapi_app import app
+
+    return ModelTrainingFirst(app)
+
+
+class _UIAppPlugin(metadata.Distribution):
+    """`ui_app` as MLflow's server finds apps: an `mlflow.app` entry point (known to this process only)."""
+
+    def read_text(self, filename: str) -> str | None:
+        return {"METADATA": f"Metadata-Version: 2.1\nName: {UI_APP}\nVersion: 0\n",
+                "entry_points.txt": f"[mlflow.app]\n{UI_APP} = {__name__}:{ui_app.__name__}\n"}.get(filename)
+
+    def locate_file(self, path: Any) -> Path:
+        return Path(str(path))
+
+
+class _UIAppFinder(metadata.DistributionFinder):
+    def find_spec(self, *args: Any) -> None:  # imports nothing
+        return None
+
+    def find_distributions(self, context: Any = metadata.DistributionFinder.Context()) -> Iterator[_UIAppPlugin]:
+        return iter([_UIAppPlugin()] if context.name in (None, UI_APP) else [])
+
+
+def serve_ui(uri: str, host: str, port: int) -> None:
+    """Run MLflow's server on the store with `ui_app` until it stops (Ctrl-C)."""
+    sys.meta_path.append(_UIAppFinder())
+    from mlflow.cli import cli  # after the finder: the CLI lists the apps it accepts when imported
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    cli.main(["server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1",
+              "--app-name", UI_APP], prog_name="mlflow")
 
 
 def git_commit() -> str:

@@ -1,10 +1,11 @@
-"""The MLflow UI as `bench ui` opens it, driven in headless Chromium: the model-training pages, trial runs named by
-table, label, lr and seed, the leaderboard view (grouped by table and label, sorted by the headline metric) and the
-leaderboard tables of the parent run."""
+"""The MLflow UI as `bench ui` opens it, driven in headless Chromium: the model-training pages, also for an experiment
+opened from the experiments list, trial runs named by table, label, lr and seed, the leaderboard view (grouped by table
+and label, sorted by the headline metric) and the leaderboard tables of the parent run."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,10 @@ def test_ui_shows_the_leaderboard(tmp_path, monkeypatch):
              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1600,1000"]
     try:
         wait_http(f"{base}/health", 90)
+        # a new browser opens the UI's front page, then the experiment's link in its list (no bench link involved)
+        listed = dump_dom(chromium, flags, f"{base}/")
+        (href,) = re.findall(rf'href="(#/experiments/\d+)">{exp.name}</a>', listed)
+        opened = dump_dom(chromium, flags, f"{base}/{href}")
         (link,) = tracking.leaderboard_links(uri, base)
         board = dump_dom(chromium, flags, link.split(": ", 1)[1])
         runs = dump_dom(chromium, flags, f"{base}/#/experiments/{exp.experiment_id}/runs?{tracking.UI_QUERY}")
@@ -49,10 +54,14 @@ def test_ui_shows_the_leaderboard(tmp_path, monkeypatch):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # the server and its workers
         printed, _ = ui.communicate(timeout=30)
+    assert href == f"#/experiments/{exp.experiment_id}"
+    assert "Model registry" in opened and "Judges" not in opened  # the model-training view, not GenAI's Traces
+    assert "Run Name" in opened and f">{parent.info.run_name}</span></a>" in opened  # its runs table: the suite's run
+    assert "pick Views &gt; Leaderboard" in opened
     assert f"leaderboard of {link}" in printed  # `bench ui` says where the leaderboard is
     for page in (board, runs):
         assert "Model registry" in page and "Judges" not in page  # MLflow 3's model-training pages, not GenAI's
-    assert "Leaderboard: add" in runs  # the experiment's description says how to open the leaderboard view
+    assert "pick Views &gt; Leaderboard" in runs  # the experiment's description says how to open the leaderboard view
     for name in ("llm_pretrain_bf16 spam lr=0.001 seed=0", "llm_pretrain_bf16 adam lr=0.001 seed=1"):
         assert name in board
     assert "Group: bench.table" in board and "(average)" in board  # one group per table, label and lr
