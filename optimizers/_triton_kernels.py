@@ -61,7 +61,7 @@ def _load(ptrs, mask, FULL: tl.constexpr):
 
 
 @triton.jit
-def _store(ptrs, x, mask, FULL: tl.constexpr, ROUNDED: tl.constexpr = False):
+def _store(ptrs, x, mask, FULL: tl.constexpr, ROUNDED: tl.constexpr):
     """x stored in the pointers' dtype, rounded to nearest even; ROUNDED: x already holds values of that dtype (a
     moment that `_rne` rounded in a bfloat16 state), so the conversion is exact and the rounding is skipped."""
     if not ROUNDED:
@@ -210,7 +210,7 @@ def adaclip_kernel(states, n_tensors, scratch, gamma3, w3, bc3, S: tl.constexpr,
     thr = _rne(_rne(thr * gamma3, ROUND) + w3 * peak, ROUND)
     t_hat = _rne(tl.div_rn(thr, bc3), ROUND)
     ratio = _rne(tl.div_rn(tl.minimum(t_hat, peak), _positive_or_one(peak)), ROUND)
-    _store(thr_ptr, thr, mask, False)
+    _store(thr_ptr, thr, mask, False, False)
     tl.store(scratch + 2 * n_tensors + i, t_hat, mask=mask)
     tl.store(scratch + 3 * n_tensors + i, ratio, mask=mask)
 
@@ -242,8 +242,8 @@ def adagn_kernel(states, n_tensors, scratch, gamma1, w1, gamma2, w2, bc1, bc2, e
     mu_hat = _rne(tl.div_rn(mu, bc1), ROUND)
     denom = _rne(_rne(tl.sqrt_rn(_rne(tl.div_rn(nu, bc2), ROUND)), ROUND) + eps, ROUND)
     factor = _rne(tl.div_rn(_rne(tl.div_rn(mu_hat, denom), ROUND), _positive_or_one(norm)), ROUND)
-    _store(mu_ptr, mu, mask, False)
-    _store(nu_ptr, nu, mask, False)
+    _store(mu_ptr, mu, mask, False, False)
+    _store(nu_ptr, nu, mask, False, False)
     tl.store(scratch + 4 * n_tensors + i, factor, mask=mask)
 
 
@@ -261,7 +261,7 @@ def _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, t, n_tensors, scratch, deca
     m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
     denom = _rne(_rne(tl.div_rn(_rne(tl.sqrt_rn(v), ROUND), bc2_sqrt), ROUND) + eps, ROUND)
     p = p + step_size * tl.div_rn(m, denom)
-    _store(p_ptr, p, mask, FULL)
+    _store(p_ptr, p, mask, FULL, False)
     if ZERO_AFTER:
         m = tl.zeros([BLOCK], dtype=tl.float32)
         v = tl.zeros([BLOCK], dtype=tl.float32)
@@ -306,7 +306,7 @@ def _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, w1, beta2, w2, eps, step_size
     m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
     denom = _rne(_rne(tl.sqrt_rn(v), ROUND) + eps, ROUND)
     p = _rne(p + step_size * tl.div_rn(m, denom), ROUND)
-    _store(p_ptr, p * decay, mask, FULL)
+    _store(p_ptr, p * decay, mask, FULL, False)
     _store(m_ptr, m, mask, FULL, True)
     _store(v_ptr, v, mask, FULL, True)
 
