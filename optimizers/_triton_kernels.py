@@ -5,9 +5,11 @@ found through a block table (int64 rows: tensor index, first entry, tensor lengt
 pointer tables (int64 addresses, one row per role: parameter, moments, per-tensor statistics; gradients separately).
 Addresses are 16-byte aligned and blocks start at multiples of BLOCK, and a block that lies inside its tensor takes
 the unmasked branch, so that loads and stores are vectorized; only a tensor's last block is masked.
-Per-tensor reductions (max |g|, the norm of the clipped gradient) are atomics into a float32 scratch buffer. The
-kernels compute in float32; with ROUND (a bfloat16 compute dtype) every operation is rounded to bfloat16 where the
-foreach path of `functional.py` rounds it, so both paths agree to the last bit up to float32 ties.
+The gradient reductions (`stats_kernel`, `clipped_rest_kernel`) take rows of a coarse table instead, R blocks per
+program (`fused.REDUCE_BLOCKS`), so that a program has enough loads in flight; their per-tensor results (max |g|, the
+sum of squares of the clipped gradient) are atomics into a float32 scratch buffer. The kernels compute in float32;
+with ROUND (a bfloat16 compute dtype) every operation is rounded to bfloat16 where the foreach path of
+`functional.py` rounds it, so both paths agree to the last bit up to float32 ties.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["TL_DTYPES", "absmax_kernel", "adaclip_kernel", "adagn_kernel", "clipped_sq_kernel", "spam_kernel",
-           "stable_kernel"]
+__all__ = ["TL_DTYPES", "adaclip_kernel", "adagn_kernel", "clipped_rest_kernel", "spam_kernel", "stable_kernel",
+           "stats_kernel"]
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
@@ -59,8 +61,11 @@ def _load(ptrs, mask, FULL: tl.constexpr):
 
 
 @triton.jit
-def _store(ptrs, x, mask, FULL: tl.constexpr):
-    x = _rne(x, ptrs.dtype.element_ty == tl.bfloat16)
+def _store(ptrs, x, mask, FULL: tl.constexpr, ROUNDED: tl.constexpr):
+    """x stored in the pointers' dtype, rounded to nearest even; ROUNDED: x already holds values of that dtype (a
+    moment that `_rne` rounded in a bfloat16 state), so the conversion is exact and the rounding is skipped."""
+    if not ROUNDED:
+        x = _rne(x, ptrs.dtype.element_ty == tl.bfloat16)
     if FULL:
         tl.store(ptrs, x.to(ptrs.dtype.element_ty))
     else:
@@ -96,21 +101,100 @@ def _positive_or_one(x):
 
 
 @triton.jit
-def _absmax(g_ptr, mask, FULL: tl.constexpr):
-    return tl.max(tl.abs(_load(g_ptr, mask, FULL)), axis=0)
+def _floor(states, n_tensors, t, gamma3, bc3, S: tl.constexpr, ROUND: tl.constexpr):
+    """A lower bound of this step's T_hat before max |g| is known: `adaclip_kernel`'s T_hat with M = 0 (T_hat grows
+    with M >= 0 and every rounding is monotone)."""
+    thr = tl.load(tl.load(states + 3 * n_tensors + t).to(tl.pointer_type(S))).to(tl.float32)
+    return _rne(tl.div_rn(_rne(thr * gamma3, ROUND), bc3), ROUND)
 
 
 @triton.jit
-def absmax_kernel(grads, blocks, peak_bits, G: tl.constexpr, BLOCK: tl.constexpr):
-    """peak_bits[t] <- max(peak_bits[t], bits of max |g| over this block) (int32 order is float order for x >= 0)."""
-    t, start, n = _block(blocks)
-    offs = start + tl.arange(0, BLOCK)
-    g_ptr = _ptr(grads, 0, 0, t, offs, G, BLOCK)
-    if start + BLOCK <= n:
-        peak = _absmax(g_ptr, offs < n, True)
+def _reduce_part(g, peak, sq, above, lo, t_hat, ratio, ROUND: tl.constexpr, MAX: tl.constexpr, SQ: tl.constexpr,
+                 SPLIT: tl.constexpr, FIX: tl.constexpr):
+    """Accumulate one sub-block: max |g| (MAX); sum of g^2 (SQ), with SPLIT only over |g| <= lo, marking the rest in
+    `above`; with FIX the sum of the AdaClip-clipped g^2 over exactly the entries SPLIT left out."""
+    a = tl.abs(g)
+    if FIX:
+        c = tl.where(a > t_hat, _rne(g * ratio, ROUND), g)
+        sq += tl.where(a <= lo, 0.0, c * c)
     else:
-        peak = _absmax(g_ptr, offs < n, False)
-    tl.atomic_max(peak_bits + t, peak.to(tl.int32, bitcast=True))
+        if MAX:
+            peak = tl.maximum(peak, a)
+        if SQ:
+            if SPLIT:
+                low = a <= lo
+                sq += tl.where(low, g * g, 0.0)
+                above = above | (~low).to(tl.int32)
+            else:
+                sq += g * g
+    return peak, sq, above
+
+
+@triton.jit
+def _reduce_rows(g_base, start, n, lo, t_hat, ratio, ROUND: tl.constexpr, MAX: tl.constexpr, SQ: tl.constexpr,
+                 SPLIT: tl.constexpr, FIX: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
+    """`_reduce_part` over the R sub-blocks of BLOCK entries from `start` (one row of the coarse table): unrolled and
+    unmasked when all lie inside the tensor, so that their loads are in flight together; else one by one, the last
+    masked."""
+    peak = tl.zeros([BLOCK], dtype=tl.float32)
+    sq = tl.zeros([BLOCK], dtype=tl.float32)
+    above = tl.zeros([BLOCK], dtype=tl.int32)
+    if start + R * BLOCK <= n:
+        for i in tl.static_range(R):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            g = tl.load(tl.max_contiguous(tl.multiple_of(g_base + offs, 16), BLOCK)).to(tl.float32)
+            peak, sq, above = _reduce_part(g, peak, sq, above, lo, t_hat, ratio, ROUND, MAX, SQ, SPLIT, FIX)
+    else:
+        for i in range(R):
+            first = start + i * BLOCK
+            offs = first + tl.arange(0, BLOCK)
+            ptrs = tl.max_contiguous(tl.multiple_of(g_base + offs, 16), BLOCK)
+            if first + BLOCK <= n:
+                g = _load(ptrs, offs < n, True)
+                peak, sq, above = _reduce_part(g, peak, sq, above, lo, t_hat, ratio, ROUND, MAX, SQ, SPLIT, FIX)
+            elif first < n:
+                g = _load(ptrs, offs < n, False)
+                peak, sq, above = _reduce_part(g, peak, sq, above, lo, t_hat, ratio, ROUND, MAX, SQ, SPLIT, FIX)
+    return tl.max(peak, axis=0), tl.sum(sq, axis=0), tl.max(above, axis=0)
+
+
+@triton.jit
+def stats_kernel(grads, rows, n_tensors, states, scratch, peak_bits, flags, gamma3, bc3, G: tl.constexpr,
+                 S: tl.constexpr, ROUND: tl.constexpr, MAX: tl.constexpr, SQ: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK: tl.constexpr, R: tl.constexpr):
+    """One read of the gradient for every per-tensor statistic, per row of the coarse table (R * BLOCK entries):
+    peak_bits (scratch row 0 as int32; int32 order is float order for x >= 0) <- max |g| (MAX); scratch row 1 += sum of
+    g^2 (SQ). With SPLIT (AdaClip before AdaGN) the sum takes only the entries that AdaClip cannot clip, |g| <= lo
+    (`_floor`, kept in scratch row 5), and flags[row] says whether others are left for `clipped_rest_kernel`."""
+    t, start, n = _block(rows)
+    g_base = tl.load(grads + t).to(tl.pointer_type(G))
+    lo = 0.0
+    if SPLIT:
+        lo = _floor(states, n_tensors, t, gamma3, bc3, S, ROUND)
+        if start == 0:
+            tl.store(scratch + 5 * n_tensors + t, lo)
+    peak, sq, above = _reduce_rows(g_base, start, n, lo, 0.0, 0.0, ROUND, MAX, SQ, SPLIT, False, BLOCK, R)
+    if MAX:
+        tl.atomic_max(peak_bits + t, peak.to(tl.int32, bitcast=True))
+    if SQ:
+        tl.atomic_add(scratch + n_tensors + t, sq)
+    if SPLIT:
+        tl.store(flags + tl.program_id(0), above)
+
+
+@triton.jit
+def clipped_rest_kernel(grads, rows, n_tensors, scratch, flags, G: tl.constexpr, ROUND: tl.constexpr,
+                        BLOCK: tl.constexpr, R: tl.constexpr):
+    """scratch row 1 [t] += sum of the AdaClip-clipped g^2 over the entries `stats_kernel` left out (|g| > lo), only
+    in the rows it flagged: the norm of the clipped gradient without a second full read of the gradient."""
+    if tl.load(flags + tl.program_id(0)) != 0:
+        t, start, n = _block(rows)
+        g_base = tl.load(grads + t).to(tl.pointer_type(G))
+        lo = tl.load(scratch + 5 * n_tensors + t)
+        t_hat = tl.load(scratch + 2 * n_tensors + t)
+        ratio = tl.load(scratch + 3 * n_tensors + t)
+        _, sq, _ = _reduce_rows(g_base, start, n, lo, t_hat, ratio, ROUND, False, True, True, True, BLOCK, R)
+        tl.atomic_add(scratch + n_tensors + t, sq)
 
 
 @triton.jit
@@ -126,7 +210,7 @@ def adaclip_kernel(states, n_tensors, scratch, gamma3, w3, bc3, S: tl.constexpr,
     thr = _rne(_rne(thr * gamma3, ROUND) + w3 * peak, ROUND)
     t_hat = _rne(tl.div_rn(thr, bc3), ROUND)
     ratio = _rne(tl.div_rn(tl.minimum(t_hat, peak), _positive_or_one(peak)), ROUND)
-    _store(thr_ptr, thr, mask, False)
+    _store(thr_ptr, thr, mask, False, False)
     tl.store(scratch + 2 * n_tensors + i, t_hat, mask=mask)
     tl.store(scratch + 3 * n_tensors + i, ratio, mask=mask)
 
@@ -139,26 +223,6 @@ def _clip(g, t, n_tensors, scratch, ROUND: tl.constexpr, ADACLIP: tl.constexpr):
         ratio = tl.load(scratch + 3 * n_tensors + t)
         g = tl.where(tl.abs(g) > t_hat, _rne(g * ratio, ROUND), g)
     return g
-
-
-@triton.jit
-def _clipped_sq(g_ptr, mask, t, n_tensors, scratch, ROUND: tl.constexpr, ADACLIP: tl.constexpr, FULL: tl.constexpr):
-    g = _clip(_load(g_ptr, mask, FULL), t, n_tensors, scratch, ROUND, ADACLIP)
-    return tl.sum(g * g, axis=0)
-
-
-@triton.jit
-def clipped_sq_kernel(grads, blocks, n_tensors, scratch, G: tl.constexpr, ROUND: tl.constexpr, ADACLIP: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """scratch row 1 [t] += sum of squares of the (AdaClip-clipped, with ADACLIP) gradient over this block."""
-    t, start, n = _block(blocks)
-    offs = start + tl.arange(0, BLOCK)
-    g_ptr = _ptr(grads, 0, 0, t, offs, G, BLOCK)
-    if start + BLOCK <= n:
-        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, ADACLIP, True)
-    else:
-        sq = _clipped_sq(g_ptr, offs < n, t, n_tensors, scratch, ROUND, ADACLIP, False)
-    tl.atomic_add(scratch + n_tensors + t, sq)
 
 
 @triton.jit
@@ -178,8 +242,8 @@ def adagn_kernel(states, n_tensors, scratch, gamma1, w1, gamma2, w2, bc1, bc2, e
     mu_hat = _rne(tl.div_rn(mu, bc1), ROUND)
     denom = _rne(_rne(tl.sqrt_rn(_rne(tl.div_rn(nu, bc2), ROUND)), ROUND) + eps, ROUND)
     factor = _rne(tl.div_rn(_rne(tl.div_rn(mu_hat, denom), ROUND), _positive_or_one(norm)), ROUND)
-    _store(mu_ptr, mu, mask, False)
-    _store(nu_ptr, nu, mask, False)
+    _store(mu_ptr, mu, mask, False, False)
+    _store(nu_ptr, nu, mask, False, False)
     tl.store(scratch + 4 * n_tensors + i, factor, mask=mask)
 
 
@@ -197,12 +261,12 @@ def _stable_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, t, n_tensors, scratch, deca
     m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
     denom = _rne(_rne(tl.div_rn(_rne(tl.sqrt_rn(v), ROUND), bc2_sqrt), ROUND) + eps, ROUND)
     p = p + step_size * tl.div_rn(m, denom)
-    _store(p_ptr, p, mask, FULL)
+    _store(p_ptr, p, mask, FULL, False)
     if ZERO_AFTER:
         m = tl.zeros([BLOCK], dtype=tl.float32)
         v = tl.zeros([BLOCK], dtype=tl.float32)
-    _store(m_ptr, m, mask, FULL)
-    _store(v_ptr, v, mask, FULL)
+    _store(m_ptr, m, mask, FULL, True)
+    _store(v_ptr, v, mask, FULL, True)
 
 
 @triton.jit
@@ -242,9 +306,9 @@ def _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, w1, beta2, w2, eps, step_size
     m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
     denom = _rne(_rne(tl.sqrt_rn(v), ROUND) + eps, ROUND)
     p = _rne(p + step_size * tl.div_rn(m, denom), ROUND)
-    _store(p_ptr, p * decay, mask, FULL)
-    _store(m_ptr, m, mask, FULL)
-    _store(v_ptr, v, mask, FULL)
+    _store(p_ptr, p * decay, mask, FULL, False)
+    _store(m_ptr, m, mask, FULL, True)
+    _store(v_ptr, v, mask, FULL, True)
 
 
 @triton.jit

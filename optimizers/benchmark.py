@@ -108,12 +108,13 @@ def _accepts(name: str) -> set[str]:
 def step_bytes(name: str, size: str, dtype: torch.dtype, state_dtype: str = "param") -> int | None:
     """Bytes one step must move at the least (each tensor read or written once per pass the algorithm needs).
 
-    Adam-like updates read p, g, m, v and write p, m, v; Stable-SPAM reads g twice more (max |g| and the norm of the
-    clipped gradient, which the update needs before it can start). None for names without a model here.
+    Adam-like updates read p, g, m, v and write p, m, v; Stable-SPAM reads g once more (max |g| and the norm of the
+    clipped gradient, which the update needs before it can start, in one pass: `fused._stable_part`). None for names
+    without a model here.
     """
     base = split_name(name)[0]
     extra_grad_reads = {"torch_adamw_fused": 0, "torch_adamw_foreach": 0, "adamw": 0, "adam": 0, "spam": 0,
-                        "stable_spam": 2}.get(base)
+                        "stable_spam": 1}.get(base)
     if extra_grad_reads is None:
         return None
     n = sum(math.prod(shape) for _, shape, _ in llama_shapes(size))

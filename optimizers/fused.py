@@ -8,9 +8,12 @@ Two update rules of `spike_aware.SpikeAwareAdam` have a fused step:
   context says clipping is active), Adam in SPAM's form with the warmup factor, then p <- p * (1 - lr * wd).
 - ``stable_spam``: components within {moret, adaclip, adagn} (moret in mode "stable_spam" or "clean"),
   ``adam_form="torch"`` (StableSPAM, its ablations ``adamw+moret+adagn+adaclip``, ``adamw+adaclip``, ``adamw+adagn``,
-  ``adamw+moret``..., and ``adam+...`` without weight decay). Up to five launches per bucket: max |g| per tensor and
-  AdaClip's thresholds (adaclip), the norm of the (clipped) gradient per tensor and AdaGN's moments and factors
-  (adagn), and the update (clip, AdaGN scale, decoupled weight decay, Adam in torch form, moret).
+  ``adamw+moret``..., and ``adam+...`` without weight decay). Up to five launches per bucket: one read of the
+  gradient for the per-tensor max |g| and sum of squares; AdaClip's thresholds (adaclip); with adaclip and adagn, the
+  squares of the clipped entries, re-read only in the rows that hold entries above a floor of AdaClip's threshold
+  that the first read computes from the old one (in a step without a spike, a few rows per tensor); AdaGN's moments
+  and factors (adagn); the update (clip, AdaGN scale, decoupled weight decay, Adam in torch form, moret). So the step
+  moves about the bytes of Adam's update plus one read of the gradient.
 
 The launch count does not grow with the number of tensors: every kernel covers all tensors of a bucket (one param
 group, one dtype, tensors whose counters agree) through a block table and tables of tensor addresses (`_Plan`, built
@@ -67,7 +70,9 @@ BLOCK = 2048
 NUM_WARPS = 8
 ALIGN = 16  # bytes: the alignment the kernels assume of every tensor they take
 SCALAR_BLOCK = 128  # tensors per program of the per-tensor statistics kernels
-SCRATCH_ROWS = 5  # float32 per tensor: max |g|, sum of squares, AdaClip's T_hat and ratio, AdaGN's factor
+REDUCE_BLOCKS = 8  # BLOCKs per program of the gradient reductions (a row of the coarse table)
+# float32 per tensor: max |g|, sum of squares, AdaClip's T_hat and ratio, AdaGN's factor, the floor of T_hat
+SCRATCH_ROWS = 6
 # Parameter dtypes the kernels take (others, e.g. float64, keep the foreach path: the kernels compute in float32).
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 SPAM_COMPONENTS = frozenset({"moret", "spikeclip"})
@@ -180,7 +185,8 @@ def _get_kernels() -> Any:
 
 @dataclass
 class _Plan:
-    """Device tables of one sub-bucket: blocks (tensor index, first entry, length), state pointers, scratch."""
+    """Device tables of one sub-bucket: blocks (tensor index, first entry, length), state pointers, scratch; for the
+    gradient reductions (Stable-SPAM) the coarse table (rows of REDUCE_BLOCKS blocks) and a flag per row."""
 
     key: tuple[Any, ...]
     n_tensors: int
@@ -188,6 +194,9 @@ class _Plan:
     blocks: Tensor
     states: Tensor
     scratch: Tensor
+    n_rows: int = 0
+    rows: Tensor | None = None
+    flags: Tensor | None = None
     grad_key: tuple[int, ...] = ()
     grads: Tensor | None = None
 
@@ -200,10 +209,10 @@ def _upload(values: list[int], device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _block_table(numels: list[int]) -> list[int]:
+def _block_table(numels: list[int], block: int = BLOCK) -> list[int]:
     rows: list[int] = []
     for t, n in enumerate(numels):
-        for start in range(0, n, BLOCK):
+        for start in range(0, n, block):
             rows += (t, start, n)
     return rows
 
@@ -225,6 +234,10 @@ def _plan(opt: SpikeAwareAdam, b: Bucket, stats: tuple[str, ...]) -> _Plan:
         plan = plans[slot] = _Plan(key=key, n_tensors=n, n_blocks=len(rows) // 3, blocks=_upload(rows, device),
                                    states=_upload(states, device),
                                    scratch=torch.empty(SCRATCH_ROWS * n, dtype=torch.float32, device=device))
+        if stats:
+            coarse = _block_table(numels, BLOCK * REDUCE_BLOCKS)
+            plan.n_rows, plan.rows = len(coarse) // 3, _upload(coarse, device)
+            plan.flags = torch.empty(plan.n_rows, dtype=torch.int32, device=device)
     grads = tuple(g.data_ptr() for g in b.grads)
     if grads != plan.grad_key:
         plan.grad_key, plan.grads = grads, _upload(list(grads), device)
@@ -257,6 +270,28 @@ def _split(b: Bucket) -> tuple[Bucket, Bucket]:
     return fused, rest
 
 
+def _hparams(opt: SpikeAwareAdam, group: dict[str, Any]) -> dict[str, Any]:
+    return {key: group[key] for key in opt.defaults if key != "params"}
+
+
+def _merged(opt: SpikeAwareAdam, buckets: list[Bucket]) -> list[Bucket]:
+    """`buckets` with those of param groups whose hyperparameters (the keys of ``opt.defaults``) agree joined, per
+    device and dtype, so that the launches do not grow with the number of groups either."""
+    out: list[Bucket] = []
+    for b in buckets:
+        for m in out:
+            p, q = m.params[0], b.params[0]
+            if (m.dtype, p.dtype, p.device) == (b.dtype, q.dtype, q.device) and \
+                    _hparams(opt, m.group) == _hparams(opt, b.group):
+                m.params += b.params
+                m.grads += b.grads
+                m.states += b.states
+                break
+        else:
+            out.append(b)
+    return out
+
+
 def _by_counters(b: Bucket, keys: tuple[str, ...]) -> list[tuple[tuple[int, ...], Bucket]]:
     """`b` split by the values of the per-tensor counters `keys` (one part when all tensors are in step)."""
     parts: dict[tuple[int, ...], Bucket] = {}
@@ -274,6 +309,7 @@ def _by_counters(b: Bucket, keys: tuple[str, ...]) -> list[tuple[tuple[int, ...]
 def fused_step(opt: SpikeAwareAdam, ctx: StepContext, kind: str, forced: bool) -> None:
     """One step of `opt` (whose configuration has the fused step `kind`): fused where it can, foreach elsewhere."""
     rest: list[Bucket] = []
+    fused: list[Bucket] = []
     for b in opt._buckets(ctx):
         why = unsupported_params(b.params[:1], forced)
         if why is not None:
@@ -281,11 +317,13 @@ def fused_step(opt: SpikeAwareAdam, ctx: StepContext, kind: str, forced: bool) -
                 raise RuntimeError(f"fused=True, but the fused step does not apply to {why}")
             rest.append(b)
             continue
-        fused, other = _split(b)
-        if fused.params:
-            (_spam_bucket if kind == "spam" else _stable_bucket)(opt, fused, ctx)
+        taken, other = _split(b)
+        if taken.params:
+            fused.append(taken)
         if other.params:
             rest.append(other)
+    for b in _merged(opt, fused):
+        (_spam_bucket if kind == "spam" else _stable_bucket)(opt, b, ctx)
     if not rest:
         return
     copy = bool(opt.pipeline.transforms)
@@ -352,9 +390,10 @@ def _stable_bucket(opt: SpikeAwareAdam, b: Bucket, ctx: StepContext) -> None:
 
 
 def _stable_part(opt: SpikeAwareAdam, b: Bucket, ctx: StepContext, c: int, t: int, reset: bool) -> None:
-    """Up to five launches for all tensors of `b` (statistics counter c, Adam counter t): max |g| and AdaClip's
-    thresholds (with adaclip), the norm of the (clipped) gradient and AdaGN's moments and factors (with adagn), the
-    update."""
+    """Up to five launches for all tensors of `b` (statistics counter c, Adam counter t): one read of the gradient for
+    max |g| and its sum of squares (with adaclip or adagn); AdaClip's thresholds (adaclip); with both, the squares of
+    the clipped entries that the first read could not settle (|g| above a floor of T_hat: few rows in a step without
+    a spike); AdaGN's moments and factors (adagn); the update."""
     k = _get_kernels()
     cfg = opt.pipeline
     group = b.group
@@ -363,18 +402,23 @@ def _stable_part(opt: SpikeAwareAdam, b: Bucket, ctx: StepContext, c: int, t: in
     types = _dtypes(k, b)
     grid = (plan.n_blocks,)
     flags = {"ADACLIP": cfg.has("adaclip"), "ADAGN": cfg.has("adagn")}
+    split = flags["ADACLIP"] and flags["ADAGN"]
     eps = float(group["eps"])
+    gamma3 = group["gamma3"] if flags["ADACLIP"] else 0.0
+    bc3 = 1.0 - gamma3**c
     if flags["ADACLIP"] or flags["ADAGN"]:
         plan.scratch[: 2 * n].zero_()
+        k.stats_kernel[(plan.n_rows,)](plan.grads, plan.rows, n, plan.states, plan.scratch,
+                                       plan.scratch.view(torch.int32), plan.flags, gamma3, bc3, G=types["P"],
+                                       S=types["S"], ROUND=types["ROUND"], MAX=flags["ADACLIP"], SQ=flags["ADAGN"],
+                                       SPLIT=split, BLOCK=BLOCK, R=REDUCE_BLOCKS, num_warps=NUM_WARPS)
     if flags["ADACLIP"]:
-        k.absmax_kernel[grid](plan.grads, plan.blocks, plan.scratch.view(torch.int32), G=types["P"], BLOCK=BLOCK,
-                              num_warps=NUM_WARPS)
-        gamma3 = group["gamma3"]
-        k.adaclip_kernel[_scalar_grid(n)](plan.states, n, plan.scratch, gamma3, _added(1.0 - gamma3, b),
-                                          1.0 - gamma3**c, S=types["S"], ROUND=types["ROUND"], SBLOCK=SCALAR_BLOCK)
+        k.adaclip_kernel[_scalar_grid(n)](plan.states, n, plan.scratch, gamma3, _added(1.0 - gamma3, b), bc3,
+                                          S=types["S"], ROUND=types["ROUND"], SBLOCK=SCALAR_BLOCK)
+    if split:
+        k.clipped_rest_kernel[(plan.n_rows,)](plan.grads, plan.rows, n, plan.scratch, plan.flags, G=types["P"],
+                                              ROUND=types["ROUND"], BLOCK=BLOCK, R=REDUCE_BLOCKS, num_warps=NUM_WARPS)
     if flags["ADAGN"]:
-        k.clipped_sq_kernel[grid](plan.grads, plan.blocks, n, plan.scratch, G=types["P"], ROUND=types["ROUND"],
-                                  ADACLIP=flags["ADACLIP"], BLOCK=BLOCK, num_warps=NUM_WARPS)
         gamma1 = group["gamma1"] * ctx.schedule
         gamma2 = group["gamma2"]
         k.adagn_kernel[_scalar_grid(n)](plan.states, n, plan.scratch, gamma1, _added(1.0 - gamma1, b), gamma2,

@@ -224,6 +224,33 @@ def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch, name, laun
 
 
 @needs_triton
+@pytest.mark.parametrize("name,launches", [("spam", 1), ("stable_spam", 5)])
+def test_groups_with_the_same_hyperparameters_share_launches(monkeypatch, name, launches):
+    """Param groups that differ only in keys the optimizer does not read share one bucket; a group with another
+    weight decay gets launches of its own. Either way the step matches the foreach path."""
+    gen = torch.Generator().manual_seed(8)
+    init = [torch.randn(5 + i, generator=gen) for i in range(6)]
+    grads = [[torch.randn_like(x) for x in init] for _ in range(3)]
+    for other_wd, want in ((0.1, launches), (0.0, 2 * launches)):
+        counting = _Counting(importlib.import_module("optimizers._triton_kernels"))
+        monkeypatch.setattr(fused, "_kernels", counting)
+        runs = []
+        for flag in (True, False):
+            params = [x.to(DEVICE).requires_grad_(True) for x in init]
+            groups = [{"params": params[:3], "role": "matrix"},
+                      {"params": params[3:], "role": "other", "weight_decay": other_wd}]
+            opt = optimizers.build(name, groups, fused=flag, weight_decay=0.1)
+            for gs in grads:
+                for p, g in zip(params, gs, strict=True):
+                    p.grad = g.to(DEVICE)
+                opt.step()
+            runs.append(params)
+        assert counting.launches == 3 * want
+        for a, b in zip(*runs, strict=True):
+            torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
 def test_tensors_with_different_counters_match_foreach():
     """A parameter that misses gradients falls behind in its counters; the fused step splits the bucket by them."""
     gen = torch.Generator().manual_seed(5)
@@ -300,4 +327,55 @@ def test_unaligned_tensors_take_the_foreach_path_in_the_same_step():
             opt.step()
         runs.append(params)
     for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+
+ROW = 0  # set below: entries per row of the coarse table of the gradient reductions
+LARGE_SHAPES: tuple[tuple[int, ...], ...] = ()
+if HAS_TRITON:
+    ROW = fused.BLOCK * fused.REDUCE_BLOCKS
+    LARGE_SHAPES = ((2 * ROW + 3 * fused.BLOCK + 5,), (300,))  # two full rows, a partial one; a small tensor
+
+
+@needs_triton
+@pytest.mark.parametrize("name,hp", [("stable_spam", {"reset_interval": 6}), ("adamw+adagn", {}),
+                                     ("adamw+adaclip", {})], ids=["stable_spam", "adagn", "adaclip"])
+def test_large_bfloat16_tensors_match_foreach(name, hp):
+    """Tensors spanning several rows of the reductions' coarse table (rows read unrolled and unmasked, a last partial
+    row), spikes included: within the one-step bounds of `fused.step_tolerance`. (In float32 a norm over 40,000
+    entries with a spike, summed in another order, already parts the paths by more than the 1e-6 floor, before this
+    layout as after; `test_clipped_norm_rereads_only_the_rows_it_must` follows a float32 trajectory instead.)"""
+    errors = fused.compare_paths(optimizers.build, name, hp, DEVICE, torch.bfloat16, steps=10, shapes=LARGE_SHAPES)
+    for key in ("param", "exp_avg", "exp_avg_sq"):
+        assert errors[key] < fused.step_tolerance(torch.bfloat16, key), f"{key}: relative error {errors[key]:.2e}"
+
+
+@needs_triton
+def test_clipped_norm_rereads_only_the_rows_it_must():
+    """The norm of the clipped gradient comes from one read of the gradient plus a second read of only the rows holding
+    entries above the floor of AdaClip's threshold: on the spike's step, the spike's row alone (the rest of the large
+    tensor is quiet; the small tensor's gradients shrink)."""
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=gen) for s in LARGE_SHAPES]
+    grads = []
+    for k in range(10):
+        gs = [torch.randn(s, generator=gen) for s in LARGE_SHAPES]
+        gs[0][ROW:] *= 0.01
+        gs[1] *= 0.5**k
+        if k == 9:
+            gs[0][17] = 50.0
+        grads.append([g.to(DEVICE) for g in gs])
+    runs = []
+    for flag in (True, False):
+        params = [x.to(DEVICE).requires_grad_(True) for x in init]
+        opt = StableSPAM(params, lr=1e-3, fused=flag)
+        for gs in grads:
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt))
+    (plan,) = runs[0][1]._fused_plans.values()
+    assert plan.flags.tolist() == [1, 0, 0, 0]  # the spike's row, the quiet rows of tensor 0, tensor 1
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
         torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
