@@ -13,13 +13,13 @@ ASSUMED_MFU = 0.40
 THROUGHPUT = PEAK_FLOPS * ASSUMED_MFU
 
 # Measured: training tokens per second of one H200 running `mini` LLaMA pre-training trials side by side (whole
-# trials: start-up, data preparation and evaluation included). Source: results/mini/README.md, commit 96c4b68: ten
-# eager mini trials at 0.1 GPU each, BF16 and INT4, about 250M tokens in 480 s (FP4 runs at about 0.2M). Wall times
-# of other GPU trials are scaled by their FLOPs per token.
-MEASURED_TOKENS_PER_SEC = 0.5e6
-MEASURED_ON = "one H200, ten eager mini LLaMA trials at a time in BF16/INT4, commit 96c4b68"
-# Measured in the same runs: eager FP4 fake quantization trains at about 0.2M tokens/s (2.5x the time).
-QUANT_SLOWDOWN = {"fp4": 2.5}
+# trials: start-up, data preparation, compilation and evaluation included). Source: results/mini/README.md: twenty
+# compiled mini trials at 0.05 GPU each finished 63 trials of 8.2M tokens (INT4, FP4, INT8, INT2/3 and BF16) in
+# 530 s, with 42 more started when the run was stopped (not counted, so this rate is a lower bound). Compiled, a lone
+# FP4 trial trains at 0.87x the speed of a BF16 one (results/perf/h200_mini_throughput.json) and start-up dominates a
+# trial, so one rate serves every format. Wall times of other GPU trials are scaled by their FLOPs per token.
+MEASURED_TOKENS_PER_SEC = 63 * 8_192_000 / 530
+MEASURED_ON = "one H200, twenty compiled mini LLaMA trials at a time, INT4/FP4/INT8/INT2-3/BF16"
 
 
 @dataclass
@@ -79,9 +79,8 @@ def wall_minutes(trials: list[Trial], gpus: int = 1) -> dict[str, float]:
     out: dict[str, float] = {}
     for spec, e in zip(unique_specs(trials), estimate(trials), strict=True):
         if e.gpus and e.flops:
-            slowdown = QUANT_SLOWDOWN.get(str(spec.config.get("quant", "none")), 1.0)
             table = table_of[spec.key()]
-            out[table] = out.get(table, 0.0) + e.flops * slowdown / rate / 60
+            out[table] = out.get(table, 0.0) + e.flops / rate / 60
     return out
 
 
@@ -91,5 +90,4 @@ def describe_wall_time(trials: list[Trial], gpus: int = 1) -> str:
         return "no GPU trials"
     each = ", ".join(f"{table} {m:.1f} min" for table, m in parts.items())
     return (f"estimated wall time of the GPU trials on {gpus} GPU: {sum(parts.values()):.0f} min ({each}) at "
-            f"{MEASURED_TOKENS_PER_SEC / 1e6:g}M mini-LLaMA tokens/s per GPU, FP4 {QUANT_SLOWDOWN['fp4']:g}x slower "
-            f"(measured: {MEASURED_ON})")
+            f"{MEASURED_TOKENS_PER_SEC / 1e6:.2g}M mini-LLaMA tokens/s per GPU (measured: {MEASURED_ON})")
