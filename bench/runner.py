@@ -16,6 +16,7 @@ import math
 import shutil
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # What the Tune trial of a data-parallel trial holds while its Ray Train workers run (Tune refuses an empty request).
 DRIVER_CPUS = 0.01
+_last_trial_end: float = 0.0  # when this worker process last finished a trial (Ray may reuse it for the next)
 
 
 class ClusterError(RuntimeError):
@@ -75,6 +77,9 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     import tasks
     from tasks.base import Diverged
 
+    global _last_trial_end
+    entered = time.time()
+    started = max(_process_start(), _last_trial_end)
     spec = TrialSpec(**trial["spec"])
     uri, run_id = trial["tracking_uri"], trial["run_id"]
     ctx = HarnessContext(uri, run_id, Path(trial["trial_dir"]), spec.seed, device or _device(trial["gpus"]),
@@ -101,6 +106,9 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     ctx.upload_artifacts()
     finals = {f"final.{k}": float(v) for k, v in final.items() if isinstance(v, (int, float))}
     finals["diverged"] = float(status == "diverged")
+    _last_trial_end = time.time()
+    # where a trial's wall time goes: the worker's start (process, imports) before the task, and the task itself
+    finals.update({"time.worker_start_s": entered - started, "time.task_s": _last_trial_end - entered})
     tracking.log_metrics(uri, run_id, [(int(ctx.last_metrics.get("step", 0)), k, v, 0) for k, v in finals.items()])
     ctx.set_tags(**{tracking.STATUS_TAG: status, **({"bench.diverged_reason": reason[:5000]} if reason else {})})
     tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
@@ -111,6 +119,13 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
 
         tune.report(result)
     return result
+
+
+def _process_start() -> float:
+    """When this process was created (epoch seconds)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def run_replica(trial: dict[str, Any], device: str) -> dict[str, Any]:

@@ -217,6 +217,7 @@ class Trainer:
     """State and loop of one trial."""
 
     def __init__(self, cfg: LLMPretrainConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> None:
+        started = time.perf_counter()
         self.cfg, self.ctx = cfg, ctx
         self.device = torch.device(ctx.device)
         self.rank, self.world_size = world()
@@ -265,6 +266,8 @@ class Trainer:
         self.state_bytes: dict[str, float] = {}
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self._val: tuple[list[Batch], int] | None = None
+        # seconds per phase of the trial (final metrics ``time.*``): where a short run's wall time goes
+        self.seconds = {"setup": time.perf_counter() - started, "first_step": 0.0, "eval": 0.0, "checkpoint": 0.0}
 
     def _autocast(self) -> Any:
         if self.cfg.precision == "amp":
@@ -362,6 +365,7 @@ class Trainer:
         per_step = cfg.batch_size * cfg.seq_len  # token positions of a step (every micro-batch is full)
         t_log, tokens_log, step_log = time.perf_counter(), tokens, start
         for step in range(start + 1, cfg.steps + 1):
+            t_step = time.perf_counter()
             micro, data_state = loader.next()
             step_loss, n_inputs = self._accumulate(step, micro)
             self.loss_spikes.update(step_loss)
@@ -376,6 +380,8 @@ class Trainer:
             tokens += n_inputs
             window = window + step_loss
             window_steps += 1
+            if step == start + 1:  # compiles the model (and the optimizer's kernels)
+                self.seconds["first_step"] = time.perf_counter() - t_step
             if step == 1:
                 self._tag_state_dtype()
                 self.state_bytes = optimizer_state_bytes(opt)
@@ -398,18 +404,23 @@ class Trainer:
                 window, window_steps = torch.zeros((), device=self.device), 0
                 t_log, tokens_log, step_log = now, tokens, step
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                t_eval = time.perf_counter()
                 final = self.evaluate(step)
                 t_log, tokens_log, step_log = time.perf_counter(), tokens, step  # throughput leaves evaluation out
+                self.seconds["eval"] += t_log - t_eval
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                t_ckpt = time.perf_counter()
                 ctx.save_checkpoint(self._state(step, data_state, tokens, window, window_steps, train_loss))
                 t_log, tokens_log, step_log = time.perf_counter(), tokens, step
+                self.seconds["checkpoint"] += t_log - t_ckpt
 
         if not final:  # resumed after the last evaluation point
             final = self.evaluate(cfg.steps)
         return {**final, "train_loss": train_loss, "steps": float(cfg.steps), "tokens": float(tokens),
                 "real_token_fraction": tokens / (cfg.steps * per_step),
                 "data_passes": passes(cfg, self.corpus.packing, self.corpus_size, cfg.steps),
-                "n_params": float(self.n_params), **self._run_statistics()}
+                "n_params": float(self.n_params), **self._run_statistics(),
+                **{f"time.{phase}_s": v for phase, v in self.seconds.items()}}
 
     def _spike_summary(self, step: int) -> dict[str, float]:
         """Gradient spikes of the log window per layer type (metrics); per layer into the CSV artifact."""

@@ -50,6 +50,8 @@ def test_smoke_suite_end_to_end(smoke):
         assert r.data.params["optimizer"] == r.data.tags["bench.optimizer"]
         assert any(k.startswith(("opt.", "optimizer.")) for k in r.data.params)  # resolved hparams at step 0
         assert f"final.{metric[r.data.tags['bench.task']]}" in r.data.metrics
+        # where the trial's wall time went: the worker's start before the task, and the task
+        assert r.data.metrics["time.worker_start_s"] >= 0 and r.data.metrics["time.task_s"] > 0
     for task, curve in (("rl", "test_return"), ("forecasting", "test_mse"), ("finetune", "acc")):
         for r in (r for r in runs if r.data.tags["bench.task"] == task):
             assert len(c.get_metric_history(r.info.run_id, curve)) >= 2, (task, curve)  # a curve, not one number
@@ -57,6 +59,8 @@ def test_smoke_suite_end_to_end(smoke):
     assert {"adamw", "spam", "stable_spam"} <= {r.data.tags["bench.optimizer"] for r in llm}
     for r in llm:
         assert r.data.metrics["final.val_perplexity"] > 1
+        phases = [r.data.metrics[f"final.time.{p}_s"] for p in ("setup", "first_step", "eval", "checkpoint")]
+        assert all(v >= 0 for v in phases) and sum(phases) < r.data.metrics["time.task_s"]
         loss = c.get_metric_history(r.info.run_id, "loss")
         assert len(loss) >= 3 and loss[-1].value < loss[0].value
     parent = c.get_run(runs[0].data.tags["mlflow.parentRunId"])

@@ -29,6 +29,8 @@ def test_smoke_trains_and_evaluates(smoke_run: Any) -> None:
         assert [s for s, _ in smoke_run.ctx.series(name)] == list(range(5, 41, 5))
     tokens = [v for _, v in smoke_run.ctx.series("tokens")]
     assert tokens == sorted(tokens) and tokens[-1] == r["tokens"]
+    assert r["time.setup_s"] > 0 and r["time.first_step_s"] > 0 and r["time.eval_s"] > 0  # two evaluations
+    assert r["time.checkpoint_s"] > 0  # one checkpoint, at step 20
 
 
 def test_learning_rate_schedule_reaches_the_optimizer(smoke_run: Any) -> None:
