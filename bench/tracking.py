@@ -245,8 +245,9 @@ def set_leaderboard_view(uri: str, exp_id: str, metrics: list[str], lower_is_bet
     now = int(time.time() * 1000)  # MLflow 3's saved-view record, listed under the runs page's "Views" menu
     saved = {"name": LEADERBOARD_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view)}
     retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(saved)))
-    note = (f"Leaderboard: on the Runs page pick Views > {LEADERBOARD_NAME} (`bench ui` also prints its link) "
-            "for the trials grouped by table, row label and learning rate, with the mean of "
+    note = (f"Leaderboard: `bench ui` opens the Runs page on it in a browser that has not shown it before; pick "
+            f"Views > {LEADERBOARD_NAME} (or the link `bench ui` prints) to come back to it: the trials grouped by "
+            "table, row label and learning rate, with the mean of "
             + ", ".join(f"`final.{m}`" for m in metrics) + " over seeds. Each parent run holds the leaderboard "
             "tables as artifacts (`leaderboard/`).")
     retry(lambda: c.set_experiment_tag(exp_id, "mlflow.note.content", note))
