@@ -3,6 +3,7 @@ and the MLflow UI server of `bench ui`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -244,34 +245,63 @@ def set_leaderboard_view(uri: str, exp_id: str, metrics: list[str], lower_is_bet
     now = int(time.time() * 1000)  # MLflow 3's saved-view record, listed under the runs page's "Views" menu
     saved = {"name": LEADERBOARD_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view)}
     retry(lambda: c.set_experiment_tag(exp_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(saved)))
-    note = (f"Leaderboard: on the Runs page pick Views > {LEADERBOARD_NAME} (`bench ui` also prints its link) "
-            "for the trials grouped by table, row label and learning rate, with the mean of "
+    note = (f"Leaderboard: `bench ui` opens the Runs page on it in a browser that has not shown it before; pick "
+            f"Views > {LEADERBOARD_NAME} (or the link `bench ui` prints) to come back to it: the trials grouped by "
+            "table, row label and learning rate, with the mean of "
             + ", ".join(f"`final.{m}`" for m in metrics) + " over seeds. Each parent run holds the leaderboard "
             "tables as artifacts (`leaderboard/`).")
     retry(lambda: c.set_experiment_tag(exp_id, "mlflow.note.content", note))
 
 
+def _leaderboard_views(uri: str) -> dict[str, tuple[str, str]]:
+    """experiment id: (name, saved state of its leaderboard view) for every experiment of the store that has one."""
+    views = {}
+    for e in client(uri).search_experiments():
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # a view saved by other means is left alone
+            state = json.loads(json.loads(e.tags[SHARED_VIEW_TAG + LEADERBOARD_VIEW])["state"])
+            views[e.experiment_id] = (e.name, json.dumps(state))
+    return views
+
+
 def leaderboard_links(uri: str, base: str) -> list[str]:
     """`experiment: link` for every experiment of the store that has a leaderboard view."""
-    c = client(uri)
-    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?{UI_QUERY}&viewStateShareKey={LEADERBOARD_VIEW}"
-            for e in c.search_experiments() if SHARED_VIEW_TAG + LEADERBOARD_VIEW in e.tags]
+    return [f"{name}: {base}/#/experiments/{exp_id}/runs?{UI_QUERY}&viewStateShareKey={LEADERBOARD_VIEW}"
+            for exp_id, (name, _) in _leaderboard_views(uri).items()]
 
 
-# MLflow 3's UI takes its GenAI / model-training switch from the address (UI_QUERY) or from this browser setting, never
-# from the experiment's kind tag (mlflow/server/js/src/common/contexts/WorkflowTypeContext.tsx, MLflow 3.17).
-# The page's first script makes model training that setting where the browser has none (a choice made is kept).
-UI_DEFAULT_WORKFLOW = (b'<script>try{const k="mlflow.workflowType_v1";localStorage.getItem(k)||'
-                       b'localStorage.setItem(k,JSON.stringify("machine_learning"))}catch(e){}</script>')
-UI_APP = "bench-ui"  # the name `bench ui` gives its server app (`mlflow server --app-name`)
+# The page's first script sets what MLflow 3.17's UI reads from the browser's localStorage, only where the browser has
+# no value yet (whatever the user changes later is kept):
+# - the GenAI / model-training switch, which the UI takes from the address (UI_QUERY) or this setting, never from the
+#   experiment's kind tag (mlflow/server/js/src/common/contexts/WorkflowTypeContext.tsx): model training;
+# - an experiment's runs page, which restores its columns, grouping, filter and order from a per-experiment record
+#   (common/utils/LocalStorageUtils.ts; experiment-page/hooks/useInitializeUIState.ts and
+#   usePersistExperimentPageViewState.tsx): the leaderboard view, so the trials, their table, optimizer and headline
+#   metric show on the first visit.
+UI_SEED_SCRIPT = ('<script>try{{const s=(k,v)=>localStorage.getItem(k)||localStorage.setItem(k,v);'
+                  's("mlflow.workflowType_v1",JSON.stringify("machine_learning"));const v={views};'
+                  'for(const i in v)s("MLflowLocalStorage-1.1-ExperimentPage-"+JSON.stringify([i])+'
+                  '"-ReactComponentState",v[i])}}catch(e){{}}</script>')
+UI_APP = "bench-ui"  # the name of the server app of `bench ui` (`mlflow server --app-name bench-ui`)
+
+
+def ui_seed_script(uri: str) -> bytes:
+    """The page's first script for the store at `uri` (see UI_SEED_SCRIPT)."""
+    try:
+        views = {exp_id: state for exp_id, (_, state) in _leaderboard_views(uri).items()}
+    except Exception as e:  # the page still opens, on MLflow's own runs-page defaults
+        logging.getLogger(__name__).warning("no leaderboard views from %s: %s", uri, short(str(e)))
+        views = {}
+    return UI_SEED_SCRIPT.format(views=json.dumps(views).replace("<", "\\u003c")).encode()
 
 
 class ModelTrainingFirst:
     """MLflow's server (ASGI) whose page opens on the model-training view in a browser that has not chosen one, also
-    for experiments opened from the UI's list (their links carry no `workflowType`); the UI's own switch still works."""
+    for experiments opened from the UI's list (their links carry no `workflowType`), and on an experiment's leaderboard
+    view the first time the browser shows its runs; the UI's own switches still work."""
 
-    def __init__(self, app: Callable[..., Any]) -> None:
+    def __init__(self, app: Callable[..., Any], uri: str) -> None:
         self.app = app
+        self.uri = uri
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/":
@@ -290,7 +320,8 @@ class ModelTrainingFirst:
                 return
             body = b"".join(chunks)
             if start["status"] == 200:
-                body = body.replace(b"<head>", b"<head>" + UI_DEFAULT_WORKFLOW, 1)
+                script = await asyncio.to_thread(ui_seed_script, self.uri)
+                body = body.replace(b"<head>", b"<head>" + script, 1)
             headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
             await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -299,14 +330,17 @@ class ModelTrainingFirst:
 
 
 def ui_app() -> ModelTrainingFirst:
-    """The server app of `bench ui`: MLflow's own, opening on the model-training view."""
+    """The server app of `bench ui` (`mlflow server --app-name bench-ui`): MLflow's own, opening on the
+    model-training view and on a bench experiment's leaderboard view."""
+    from mlflow.server import BACKEND_STORE_URI_ENV_VAR
     from mlflow.server.fastapi_app import app
 
-    return ModelTrainingFirst(app)
+    return ModelTrainingFirst(app, os.environ[BACKEND_STORE_URI_ENV_VAR])
 
 
 class _UIAppPlugin(metadata.Distribution):
-    """`ui_app` as MLflow's server finds apps: an `mlflow.app` entry point (known to this process only)."""
+    """`ui_app` as MLflow's server finds apps: an `mlflow.app` entry point, known to this process only (for a checkout
+    installed before pyproject.toml declared it, or not installed)."""
 
     def read_text(self, filename: str) -> str | None:
         return {"METADATA": f"Metadata-Version: 2.1\nName: {UI_APP}\nVersion: 0\n",
@@ -326,7 +360,8 @@ class _UIAppFinder(metadata.DistributionFinder):
 
 def serve_ui(uri: str, host: str, port: int) -> None:
     """Run MLflow's server on the store with `ui_app` until it stops (Ctrl-C)."""
-    sys.meta_path.append(_UIAppFinder())
+    if not metadata.entry_points(group="mlflow.app", name=UI_APP):
+        sys.meta_path.append(_UIAppFinder())
     from mlflow.cli import cli  # after the finder: the CLI lists the apps it accepts when imported
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     cli.main(["server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1",
