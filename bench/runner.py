@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -87,7 +88,7 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     c = tracking.client(uri)
     tracking.retry(lambda: c.update_run(run_id, status="RUNNING"))  # a retried or resumed run runs again
     tracking.retry(lambda: c.set_tag(run_id, tracking.STATUS_TAG, "running"))
-    ctx.set_tags(**tracking.device_tags(ctx.device))
+    ctx.set_tags(**tracking.device_tags(ctx.device), **{"bench.worker_pid": str(os.getpid())})
     task = tasks.get_task(spec.task)
     try:
         final = task.run(task.Config(**spec.config), spec.optimizer, spec.hparams, ctx)
@@ -414,7 +415,8 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
         tuner = tune.Tuner(
             tune.with_resources(_tune_trainable, placement),
             param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=opts.max_concurrent or None, reuse_actors=False),
+            # a worker process runs trial after trial (same results as a fresh one): no start-up and imports each
+            tune_config=tune.TuneConfig(max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage), verbose=0, stop=interrupt.stopper(),
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
