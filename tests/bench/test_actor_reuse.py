@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import Bench
