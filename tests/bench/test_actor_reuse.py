@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import Bench
+
+pytestmark = pytest.mark.slow
 
 SUITE = """
 name: reuse
