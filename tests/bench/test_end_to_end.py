@@ -112,8 +112,10 @@ def test_ui_shows_trial_runs(smoke, tmp_path):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # the server and its workers
         ui.wait(30)
-    assert "bench-smoke" in experiment_page and ">smoke<" in experiment_page  # the suite's parent run
-    assert "matching runs" in experiment_page
+    # a first visit lands on the leaderboard view: the trial runs grouped by table, with the headline metric
+    assert "bench-smoke" in experiment_page and "matching runs" in experiment_page
+    assert "bench.table" in experiment_page and "final.val_perplexity" in experiment_page
+    assert all(r.info.run_name in experiment_page for r in runs), [r.info.run_name for r in runs]
     for name, page in trial_pages.items():
         assert name in page and "val_perplexity" in page and "bench.status" in page
     assert shot.exists() and shot.stat().st_size > 10_000
