@@ -266,7 +266,7 @@ class Trainer:
         self.state_bytes: dict[str, float] = {}
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self._val: tuple[list[Batch], int] | None = None
-        # seconds per phase of the trial (final metrics ``time.*``): where a short run's wall time goes
+        # seconds per phase of the trial (metrics ``time.*``, reported at the end): where a short run's time goes
         self.seconds = {"setup": time.perf_counter() - started, "first_step": 0.0, "eval": 0.0, "checkpoint": 0.0}
 
     def _autocast(self) -> Any:
@@ -416,11 +416,11 @@ class Trainer:
 
         if not final:  # resumed after the last evaluation point
             final = self.evaluate(cfg.steps)
+        ctx.report(cfg.steps, **{f"time.{phase}_s": v for phase, v in self.seconds.items()})
         return {**final, "train_loss": train_loss, "steps": float(cfg.steps), "tokens": float(tokens),
                 "real_token_fraction": tokens / (cfg.steps * per_step),
                 "data_passes": passes(cfg, self.corpus.packing, self.corpus_size, cfg.steps),
-                "n_params": float(self.n_params), **self._run_statistics(),
-                **{f"time.{phase}_s": v for phase, v in self.seconds.items()}}
+                "n_params": float(self.n_params), **self._run_statistics()}
 
     def _spike_summary(self, step: int) -> dict[str, float]:
         """Gradient spikes of the log window per layer type (metrics); per layer into the CSV artifact."""
