@@ -37,7 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from bench.results import Cell, Results, column_label, fmt, markdown_table, mean_curve
+from bench.results import Cell, Results, column_label, fmt, markdown_table, mean_curve, pyplot, save_figure
 from bench.suite import Trial
 
 MIB = 2.0**20
@@ -102,26 +102,9 @@ class Analysis:
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _panels(n: int, rows: int = 1, width: float = 4.6, height: float = 3.4) -> tuple[Any, list[list[Any]]]:
-    plt = _pyplot()
-    fig, axes = plt.subplots(rows, max(n, 1), figsize=(width * max(n, 1), height * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, max(n, 1), figsize=(width * max(n, 1), height * rows), squeeze=False)
     return fig, [list(r) for r in axes]
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -214,7 +197,7 @@ def _plot_spikes_over_steps(a: Analysis, done: dict[Series, list[Trial]], types:
         ax.set_xlabel("step")
         ax.set_ylabel("spikes per log window")
         ax.legend(fontsize=7)
-    return _save(fig, a.out / f"{a.table}_spikes_over_steps.png")
+    return save_figure(fig, a.out / f"{a.table}_spikes_over_steps.png")
 
 
 def _layer_sort_key(layer: str) -> tuple[int, int, int]:
@@ -260,7 +243,7 @@ def _plot_spike_heatmap(a: Analysis, done: dict[Series, list[Trial]]) -> list[Pa
         ax.set_xlabel("step")
         ax.set_title(f"{_label_of(s)} (seed {done[s][0].spec.seed})", fontsize=9)
         fig.colorbar(image, ax=ax, label="log10(1 + spikes)")
-    return [_save(fig, a.out / f"{a.table}_spikes_heatmap.png")]
+    return [save_figure(fig, a.out / f"{a.table}_spikes_heatmap.png")]
 
 
 def _plot_loss_spikes(a: Analysis, done: dict[Series, list[Trial]]) -> Path:
@@ -280,7 +263,7 @@ def _plot_loss_spikes(a: Analysis, done: dict[Series, list[Trial]]) -> Path:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
-    return _save(fig, a.out / f"{a.table}_loss_spikes.png")
+    return save_figure(fig, a.out / f"{a.table}_loss_spikes.png")
 
 
 # --- memory: optimizer-state bytes, peak GPU memory and the headline metric ----------------------------------
@@ -346,7 +329,7 @@ def _plot_memory(a: Analysis, points: list[tuple[Series, float, float, float]], 
         ax.set_title(column, fontsize=9)
         ax.set_xlabel("optimizer state (MiB)")
         ax.set_ylabel(metric)
-    return _save(fig, a.out / f"{a.table}_memory.png")
+    return save_figure(fig, a.out / f"{a.table}_memory.png")
 
 
 # --- sensitivity: final loss against the grid value that varies ----------------------------------------------
@@ -424,7 +407,7 @@ def _plot_sensitivity(a: Analysis, panels: list[tuple[str, str, list[Any], dict[
         ax.set_xlabel(key)
         ax.set_ylabel(f"final {metric}")
         ax.legend(fontsize=7)
-    return _save(fig, a.out / f"{a.table}_sweep.png")
+    return save_figure(fig, a.out / f"{a.table}_sweep.png")
 
 
 # --- dynamics: loss and gradient norm over training --------------------------------------------------------
@@ -448,7 +431,7 @@ def training_dynamics(a: Analysis, metrics: tuple[str, ...] = ("loss", "grad_nor
     for j, column in enumerate(a.columns):
         for i, metric in enumerate(metrics):
             _plot_dynamics_panel(axes[i][j], a, column, metric)
-    return Section(markdown, [a.write("dynamics", markdown), _save(fig, a.out / f"{a.table}_dynamics.png")])
+    return Section(markdown, [a.write("dynamics", markdown), save_figure(fig, a.out / f"{a.table}_dynamics.png")])
 
 
 def _plot_dynamics_panel(ax: Any, a: Analysis, column: str, metric: str) -> None:

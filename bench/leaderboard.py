@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from bench import analyses, tracking
-from bench.results import Cell, Results, column_label, fmt, markdown_table, mean_curve
+from bench.results import Cell, Results, column_label, fmt, markdown_table, mean_curve, pyplot, save_figure
 from bench.suite import Trial
 
 PAPER_RESULTS = Path(__file__).parent / "reference" / "paper_results.yaml"
@@ -212,10 +212,7 @@ def provenance(members: list[Trial], runs: dict[str, Any], compared: bool) -> li
 
 def plot_curves(trials: list[Trial], results: Results, out: Path) -> list[Path]:
     """One PNG per table and column: the headline metric's curve for each row, averaged over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     import tasks
 
@@ -246,20 +243,15 @@ def plot_curves(trials: list[Trial], results: Results, out: Path) -> list[Path]:
             if curves:
                 ax.legend(fontsize=7)
         if drew:
-            path = out / f"{table}_curves.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=110)
-            paths.append(path)
-        plt.close(fig)
+            paths.append(save_figure(fig, out / f"{table}_curves.png"))
+        else:
+            plt.close(fig)
     return paths
 
 
 def plot_sweeps(tables: list[Table], out: Path) -> list[Path]:
     """For tables whose grid varies the learning rate: final metric against the trials' lr, one line per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     for table in tables:
@@ -282,11 +274,7 @@ def plot_sweeps(tables: list[Table], out: Path) -> list[Path]:
         ax.set_ylabel(table.metric)
         ax.set_title(table.name, fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"{table.name}_lr_sweep.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / f"{table.name}_lr_sweep.png"))
     return paths
 
 

@@ -2,8 +2,9 @@
 
 `Results` reads the trial runs of an experiment, their statuses, final metrics, metric histories (cached) and CSV
 artifacts. `Results.outcome` is the one rule for what a trial counts as: finished with a value, diverged, failed or
-missing. `Cell` summarises one table cell over seeds; `fmt`, `markdown_table` and `mean_curve` are the number
-format, the markdown table and the mean curve over seeds that every table and plot of the leaderboard uses.
+missing. `Cell` summarises one table cell over seeds; `fmt`, `markdown_table`, `mean_curve`, `pyplot` and
+`save_figure` are the number format, the markdown table, the mean curve over seeds and the figure backend and file
+format that every table and plot of the leaderboard uses.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 from bench import tracking
@@ -58,6 +60,24 @@ def mean_curve(hists: list[list[tuple[int, float]]]) -> tuple[list[int], list[fl
     steps = sorted(by_step)
     return (steps, [statistics.fmean(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
             [max(by_step[s]) for s in steps])
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the headless backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a figure as every plot of the leaderboard is written, and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 @dataclass

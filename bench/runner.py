@@ -321,8 +321,6 @@ class _Interrupt:
         self.requested = False
 
     def __enter__(self) -> _Interrupt:
-        import os
-
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         self._previous = signal.getsignal(signal.SIGINT)
         if threading.current_thread() is threading.main_thread():

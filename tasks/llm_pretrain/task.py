@@ -311,8 +311,10 @@ class Trainer:
         return self._val
 
     def evaluate(self, step: int) -> dict[str, float]:
+        started = time.perf_counter()
         batches, n_tokens = self.validation()
         val_loss, paper_loss = evaluate(self.loss_fn, batches, self.device, self.autocast)
+        self.seconds["eval"] += time.perf_counter() - started
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": n_tokens,
                    PAPER_ESTIMATE: math.exp(min(paper_loss, 700.0))}
         self.ctx.report(step, **metrics)
@@ -404,10 +406,8 @@ class Trainer:
                 window, window_steps = torch.zeros((), device=self.device), 0
                 t_log, tokens_log, step_log = now, tokens, step
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                t_eval = time.perf_counter()
                 final = self.evaluate(step)
                 t_log, tokens_log, step_log = time.perf_counter(), tokens, step  # throughput leaves evaluation out
-                self.seconds["eval"] += t_log - t_eval
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 t_ckpt = time.perf_counter()
                 ctx.save_checkpoint(self._state(step, data_state, tokens, window, window_steps, train_loss))

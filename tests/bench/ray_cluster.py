@@ -1,5 +1,6 @@
 """Ray nodes started with `ray start` for a test, in its own temp dir and home; stopping ends only their processes
-(never `ray stop`, which would end every Ray process of the user on the machine, a running benchmark included)."""
+(not Ray's own stop command, which would end every Ray process of the user on the machine, a running benchmark
+included)."""
 
 from __future__ import annotations
 
