@@ -30,7 +30,7 @@ supported and the parameters are CUDA tensors (or CPU tensors under ``TRITON_INT
 requested).
 
 `AUTO_SELECT` is the one switch for ``fused=None``: off, the fused step runs only when asked for with ``fused=True``;
-on, it runs on CUDA whenever it applies. It is on: the CUDA tests (107 passed) and ``python -m optimizers.benchmark
+on, it runs on CUDA whenever it applies. It is on: the CUDA tests (113 passed) and ``python -m optimizers.benchmark
 --check`` (12 of 12 configurations) passed on one H200 with torch 2.11 and Triton 3.6 (`results/perf/README.md`;
 ``optimizers/gpu_check.sh`` runs both).
 """
