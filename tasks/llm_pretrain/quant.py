@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -160,16 +160,11 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return quantize_absmax(x, spec.format, spec.group_size, spec.topk, spec.bits)
 
 
-class _FakeQuant(torch.autograd.Function):
-    """Forward: the fake-quantized tensor; backward: the identity (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, spec: QuantSpec, weight: bool) -> torch.Tensor:
-        return quantize_weight(x, spec) if weight else quantize_activation(x, spec)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`q` in the forward pass, the identity to `x` in the backward (straight-through estimator). x - x is exactly 0
+    for finite x, so the value is q to the bit. Plain tensor ops rather than a custom autograd.Function, whose graphs
+    torch.compile does not cache across processes (AOTAutograd bypasses them), so every trial would recompile."""
+    return (x - x.detach()) + q.detach()
 
 
 class QuantLinear(nn.Linear):
@@ -180,8 +175,8 @@ class QuantLinear(nn.Linear):
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _FakeQuant.apply(self.weight, self.spec, True)
-        x = _FakeQuant.apply(x, self.spec, False)
+        w = straight_through(self.weight, quantize_weight(self.weight.detach(), self.spec))
+        x = straight_through(x, quantize_activation(x.detach(), self.spec))
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:

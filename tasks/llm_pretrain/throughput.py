@@ -140,16 +140,19 @@ def measure(size: str, variant: str, steps: int, log_every: int, device: str, ov
         "flops_per_token": flops_per_token, "mfu": mfu,
         "data_source": ctx.tags.get("data_source", ""), "quant": cfg.quant,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+        # the first step's seconds: compilation when compiled (from the on-disk cache when an earlier run filled it)
+        "first_step_s": ctx.series("time.first_step_s")[-1][1],
     }
 
 
 def markdown(rows: list[dict[str, Any]], peak_tflops: float) -> str:
     lines = [f"| size | variant | micro-batch | real tokens/s | all positions/s | MFU (of {peak_tflops:g} TFLOP/s) | "
-             "peak memory |", "|---|---|---|---|---|---|---|"]
+             "peak memory | first step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
+        first = f"{r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else "n/a"
         lines.append(f"| {r['size']} | {r['variant']} | {r['micro_batch_size']} | {r['tokens_per_sec']:,.0f} | "
-                     f"{r['positions_per_sec']:,.0f} | {r['mfu']:.1%} | {mem} |")
+                     f"{r['positions_per_sec']:,.0f} | {r['mfu']:.1%} | {mem} | {first} |")
     return "\n".join(lines)
 
 

@@ -145,8 +145,8 @@ def test_straight_through_estimator(fmt: str) -> None:
     F.linear(xq, wq).sum().backward()
     torch.testing.assert_close(layer.weight.grad, wq.grad)
     torch.testing.assert_close(x.grad, xq.grad)
-    # and the forward pass is the plain linear layer of the quantized operands
-    torch.testing.assert_close(layer(x), F.linear(xq, wq))
+    # and the forward pass is the plain linear layer of the quantized operands, to the bit
+    assert torch.equal(layer(x), F.linear(xq, wq))
 
 
 def test_patched_llama_has_seven_quantized_projections_per_block() -> None:
@@ -199,3 +199,19 @@ def test_quantizers_compile_without_graph_breaks() -> None:
     explanation = torch._dynamo.explain(quantize_activation)(x, spec)
     assert explanation.graph_break_count == 0
     assert torch._dynamo.explain(quantize_weight)(x[0], spec).graph_break_count == 0
+
+
+def test_quantized_layer_compiles_to_a_cacheable_graph(tmp_path, monkeypatch) -> None:
+    """torch.compile keeps the compiled forward and backward of a quantized layer in its cache (AOTAutograd bypasses
+    graphs with a custom autograd.Function), so a later trial loads them instead of compiling again."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    counters.clear()
+    layer = QuantLinear(64, 32, QuantSpec("fp4", 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    torch.compile(layer)(x).sum().backward()
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    assert counters["aot_autograd"]["autograd_cache_saved"] == 1
+    torch._dynamo.reset()

@@ -20,7 +20,9 @@ def test_reports_tokens_per_second_and_mfu(tmp_path, capsys):
     assert row["positions_per_sec"] == row["tokens_per_sec"]
     assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * row["flops_per_token"] / 1e12)
     assert row["flops_per_token"] > 6 * 0.3e6  # 6N with N of the tiny model, plus attention
-    assert "| tiny | eager | 4 |" in capsys.readouterr().out
+    assert row["first_step_s"] > 0  # the first step's seconds (compilation, when compiled), in the table too
+    out = capsys.readouterr().out
+    assert "| tiny | eager | 4 |" in out and f"| {row['first_step_s']:.1f} s |" in out
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["meta"]["torch"] and saved["results"][0]["variant"] == "eager"
 
