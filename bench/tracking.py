@@ -105,13 +105,20 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"tracking server {uri} does not answer ({exc})") from None
 
 
+# Transient store errors, by a part of their message: SQLite's lock under concurrent writers, and an SQLAlchemy
+# statement compiler found half-built ("'SQLiteCompiler' object has no attribute 'literal_execute_params'": twice in
+# 125 trials written by twenty processes at once, at a tag write, each time restarting the trial from step 0).
+TRANSIENT_STORE_ERRORS: tuple[str, ...] = ("database is locked", "'sqlitecompiler' object has no attribute")
+
+
 def retry(fn: Callable[[], T], attempts: int = 8) -> T:
-    """Run a store call, retrying the transient 'database is locked' errors of SQLite under concurrent writers."""
+    """Run a store call, retrying its transient errors (`TRANSIENT_STORE_ERRORS`) with exponential back-off."""
     for i in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - MLflow wraps SQLAlchemy errors in its own types
-            if i == attempts - 1 or "locked" not in str(exc).lower():
+            message = str(exc).lower()
+            if i == attempts - 1 or not any(s in message for s in TRANSIENT_STORE_ERRORS):
                 raise
             time.sleep(0.2 * 2**i)
     raise AssertionError("unreachable")
