@@ -1,5 +1,6 @@
 """Dry-run cost estimates: GPU-hours of a trial matrix from each task's FLOP count and a stated throughput, and the
-wall time of its GPU trials packed on the GPUs at a measured throughput."""
+wall time of its GPU trials packed on the GPUs: each trial holds its GPU share for the seconds its task measured
+(`Task.estimate_seconds`), or else for its FLOPs at the measured mini-LLaMA rate."""
 
 from __future__ import annotations
 
@@ -78,9 +79,11 @@ def wall_minutes(trials: list[Trial], gpus: int = 1) -> dict[str, float]:
         table_of.setdefault(t.key, t.table)
     out: dict[str, float] = {}
     for spec, e in zip(unique_specs(trials), estimate(trials), strict=True):
-        if e.gpus and e.flops:
+        if e.gpus and (e.seconds or e.flops):
             table = table_of[spec.key()]
-            out[table] = out.get(table, 0.0) + e.flops / rate / 60
+            # A task's own measured seconds hold its GPU share that long; otherwise its FLOPs at the measured rate.
+            minutes = e.seconds * e.gpus / gpus / 60 if e.seconds else e.flops / rate / 60
+            out[table] = out.get(table, 0.0) + minutes
     return out
 
 

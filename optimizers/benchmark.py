@@ -2,7 +2,8 @@
 
 Only tensors are created (no model, no forward pass): the parameters of LLaMA-60M ... 1B with random gradients, in
 the papers' two groups. Each optimizer runs ``--warmup`` steps and is then timed step by step over ``--steps`` steps
-(a pair of CUDA events around each step on a GPU); the median is reported, with min and max. Besides registry names,
+(a pair of CUDA events around each step on a GPU); the median is reported, with min and max, and on a GPU the same
+steps timed again queued ahead of the device, which separates the device's time from the host's. Besides registry names,
 ``torch_adamw_fused`` and ``torch_adamw_foreach`` time torch's AdamW kernels, and a registry name with the suffix
 ``_fused`` or ``_foreach`` (``spam_fused``, ``stable_spam_foreach``) forces that path of the in-house optimizers.
 
@@ -79,6 +80,9 @@ def _groups(size: str, device: torch.device, dtype: torch.dtype, seed: int) -> l
     return [{"params": ps, "role": role} for role, ps in by_role.items()]
 
 
+# GPU clock cycles of the sleep kernel that the queued timing puts ahead of the steps (about 1 s at 2 GHz).
+SLEEP_CYCLES = 2_000_000_000
+
 PATH_SUFFIXES: dict[str, bool] = {"_fused": True, "_foreach": False}
 
 
@@ -143,30 +147,62 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
 
 
+def _summary(times: list[float]) -> dict[str, Any]:
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+
+
+def _timed_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device,
+                 queued: bool) -> tuple[list[float], list[float]]:
+    """Milliseconds of each of `steps` steps between CUDA events, and the host's milliseconds in each `step()` call.
+
+    Not queued, the device waits for the host wherever the host is slower, so the events time the step as a training
+    loop sees it when nothing else is queued. Queued, the steps are enqueued behind a sleep kernel that lasts longer
+    than the host takes to enqueue them all, so that no step waits for the host: the events time the device's work
+    alone ([] when the host did not finish enqueueing before the sleep ended)."""
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    host: list[float] = []
+    if queued:
+        slept = torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SLEEP_CYCLES)
+        slept.record()
+    for start, end in events:
+        t0 = time.perf_counter()
+        start.record()
+        opt.step()
+        end.record()
+        host.append((time.perf_counter() - t0) * 1e3)
+    if queued and slept.query():  # the sleep ended before the host had enqueued every step
+        torch.cuda.synchronize(device)
+        return [], host
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events], host
+
+
 def time_optimizer(name: str, size: str, device: torch.device, dtype: torch.dtype, steps: int = 50,
                    warmup: int = 25, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
     """Milliseconds per `step()` of optimizer `name` on the parameters of LLaMA-`size`: the median over `steps`
-    steps after `warmup` (CUDA events around each step on a GPU), with min and max, and the fused path's use."""
+    steps after `warmup` (CUDA events around each step on a GPU), with min and max, and the fused path's use. On a
+    GPU also the device's time alone (`device_ms`, steps queued ahead of it) and the host's (`host_ms`): a step
+    whose `ms` is near `host_ms` and well above `device_ms` is bound by the host (Python and kernel launches)."""
     groups = _groups(size, device, dtype, seed=0)
     opt = _make(name, groups, dict(hparams or {}))
     for _ in range(warmup):
         opt.step()
-    times: list[float] = []
+    out: dict[str, Any]
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for start, end in events:
-            start.record()
-            opt.step()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
+        times, host = _timed_steps(opt, steps, device, queued=False)
+        out = _summary(times)
+        device_times, _ = _timed_steps(opt, steps, device, queued=True)
+        out["host_ms"] = statistics.median(host)
+        out["device_ms"] = statistics.median(device_times) if device_times else None
     else:
+        times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             opt.step()
             times.append((time.perf_counter() - t0) * 1e3)
-    out: dict[str, Any] = {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+        out = _summary(times)
     if not name.startswith("torch_"):
         resolved = resolved_hparams(opt)
         out["fused_active"] = resolved.get("fused_active")
@@ -271,8 +307,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for name, r in results.items():
                 r["ratio"] = r["ms"] / first
                 floor = f"{r['floor_ms']:8.3f}" if r["floor_ms"] is not None else "       -"
-                log.info("  %-24s %9.3f ms/step  %6.2fx  (min %.3f, max %.3f; floor %s ms; fused %s)", name, r["ms"],
-                         r["ratio"], r["ms_min"], r["ms_max"], floor, r.get("fused_active", "-"))
+                split = (f"; device {r['device_ms']:.3f}, host {r['host_ms']:.3f}"
+                         if r.get("device_ms") is not None else "")
+                log.info("  %-24s %9.3f ms/step  %6.2fx  (min %.3f, max %.3f; floor %s ms%s; fused %s)", name,
+                         r["ms"], r["ratio"], r["ms_min"], r["ms_max"], floor, split, r.get("fused_active", "-"))
             runs.append({"size": size, "dtype": dtype_name, "results": results})
             save()
     return report

@@ -15,6 +15,10 @@ from tasks.base import Resources, Task, TaskConfig, TrialContext
 from tasks.forecasting.config import PRESETS, ForecastingConfig
 from tasks.forecasting.data import FALLBACK_SHAPES, WEATHER_ENV, WEATHER_SHAPE, chronological_split
 
+# Measured wall time of a `mini` trial (PatchTST, 10 epochs on the vic_elec fallback), start-up and evaluation included:
+# 65 s, the median of 27 trials run four at a time on one H200 (results/mini/README.md, forecasting section).
+MEASURED_PRESET, MEASURED_SECONDS = "mini", 65.0
+
 
 class ForecastingTask(Task):
     """Multivariate long-horizon forecasting (PatchTST by default) with anomalies injected into the training split."""
@@ -51,6 +55,12 @@ class ForecastingTask(Task):
         train = chronological_split(rows, cfg.train_fraction, cfg.test_fraction).train
         steps = cfg.epochs * max(1, math.ceil((train - cfg.input_size) / cfg.batch_size))
         return float(3 * forward * steps * cfg.batch_size * n_series)
+
+    def estimate_seconds(self, cfg: TaskConfig) -> float:
+        """Wall-clock seconds of a GPU trial: the measured mini trial's, scaled by FLOPs (0 on the CPU, or unknown)."""
+        assert isinstance(cfg, ForecastingConfig)
+        reference = self.estimate_flops(self.config(MEASURED_PRESET))
+        return MEASURED_SECONDS * self.estimate_flops(cfg) / reference if cfg.device == "cuda" and reference else 0.0
 
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         assert isinstance(cfg, ForecastingConfig)

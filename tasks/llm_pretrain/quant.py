@@ -101,24 +101,36 @@ def _int_grid(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _table_grid(magnitudes: tuple[float, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Round-to-nearest onto a symmetric table of magnitudes on [0, 1] (input divided by the absmax)."""
+    """Round-to-nearest onto a symmetric table of magnitudes on [0, 1] (input divided by the absmax); a tie goes to
+    the smaller magnitude. A chain of selects against the midpoints (float32 constants, computed here once: inside a
+    compiled function, reading a tensor's values would break the graph), which torch.compile fuses into the
+    quantizer's kernel, where a `bucketize` and a gather from the table cost compiled FP4 training more."""
+    table = torch.tensor(magnitudes, dtype=torch.float32)  # the quantizers compute in float32
+    mids = ((table[1:] + table[:-1]) / 2).tolist()
+    values = table[1:].tolist()  # table[0] is 0
 
     def fn(u: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(magnitudes, dtype=u.dtype, device=u.device)
-        mids = (table[1:] + table[:-1]) / 2
-        return torch.sign(u) * table[torch.bucketize(u.abs(), mids)]
+        a = u.abs()
+        q = torch.zeros_like(a)
+        for mid, value in zip(mids, values, strict=True):
+            q = torch.where(a > mid, value, q)
+        return torch.sign(u) * q
 
     return fn
+
+
+TABLE_GRIDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "fp4": _table_grid(FP4_PUBLIC_GRID),
+    "fp4_e2m1": _table_grid(tuple(v / 6.0 for v in E2M1_GRID)),
+}
 
 
 def grid_fn(fmt: QuantFormat, bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The rounding function of a symmetric format, acting on values normalised to [-1, 1]."""
     if fmt in ("int4", "int8"):
         return _int_grid(bits)
-    if fmt == "fp4":
-        return _table_grid(FP4_PUBLIC_GRID)
-    if fmt == "fp4_e2m1":
-        return _table_grid(tuple(v / 6.0 for v in E2M1_GRID))
+    if fmt in TABLE_GRIDS:
+        return TABLE_GRIDS[fmt]
     raise ValueError(f"no symmetric grid for quant format {fmt!r}")
 
 

@@ -215,3 +215,13 @@ def test_quantized_layer_compiles_to_a_cacheable_graph(tmp_path, monkeypatch) ->
     assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
     assert counters["aot_autograd"]["autograd_cache_saved"] == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp4", "fp4_e2m1"])
+def test_quantized_layer_compiles_without_graph_breaks(fmt) -> None:
+    """The quantizers trace into one graph: a break (e.g. reading a tensor's values inside the forward) splits every
+    block's compiled code and, measured on the GPU, more than halves compiled FP4 training's throughput."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(QuantLinear(64, 32, QuantSpec(fmt, 32)))(torch.randn(4, 64))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
