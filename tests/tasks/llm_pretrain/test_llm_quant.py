@@ -225,3 +225,17 @@ def test_quantized_layer_compiles_without_graph_breaks(fmt) -> None:
     explained = torch._dynamo.explain(QuantLinear(64, 32, QuantSpec(fmt, 32)))(torch.randn(4, 64))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp4_e2m1"])
+def test_table_grids_round_to_nearest_with_ties_to_the_smaller_magnitude(fmt) -> None:
+    """The select chain equals a search of the midpoints (torch.bucketize) to the bit: random values, every grid
+    point and midpoint, and the float32 neighbours of each midpoint."""
+    from tasks.llm_pretrain.quant import E2M1_GRID, FP4_PUBLIC_GRID, grid_fn
+
+    table = torch.tensor(FP4_PUBLIC_GRID if fmt == "fp4" else tuple(v / 6.0 for v in E2M1_GRID))
+    mids = (table[1:] + table[:-1]) / 2
+    special = torch.cat([table, mids, torch.nextafter(mids, table[1:]), torch.nextafter(mids, table[:-1])])
+    u = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2, special, -special])
+    expected = torch.sign(u) * table[torch.bucketize(u.abs(), mids)]
+    assert torch.equal(grid_fn(fmt, 4)(u), expected)  # type: ignore[arg-type]
