@@ -90,6 +90,21 @@ def _print_matrix(trials: list[Any]) -> None:
     console.print(describe_wall_time(trials))
 
 
+def _print_remaining(trials: list[Any], uri: str, experiment: str) -> None:
+    """What a run would still do: the trials the store already has done are skipped (read only; nothing written)."""
+    from bench.estimate import describe_wall_time
+
+    done = tracking.finished_keys(uri, experiment)
+    if not done:
+        return
+    left = [t for t in trials if t.key not in done]
+    distinct = len({t.key for t in trials})
+    console.print(f"{distinct - len({t.key for t in left})} of {distinct} distinct trials are already done in {uri} "
+                  f"(experiment {experiment}); {len({t.key for t in left})} left")
+    if left:
+        console.print("left: " + describe_wall_time(left))
+
+
 def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_concurrent: int,
          out: Path, command: str) -> int:
     import tasks
@@ -147,7 +162,8 @@ def _report_outcome(summary: Any, specs: list[Any]) -> int:
 @app.command()
 def run(
     suite: Annotated[str, typer.Option("--suite", "-s", help="suite name (see `bench list suites`) or a YAML path")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the trial matrix and GPU-hours; start nothing")]
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the trial matrix, GPU-hours and wall time, and "
+                                          "what the store has already done; start nothing")]
     = False,
     address: AddressOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -165,6 +181,7 @@ def run(
     s, trials = load_trials(suite, parse_sets(set_ or []), add_optimizer, names)
     if dry_run:
         _print_matrix(trials)
+        _print_remaining(trials, _uri(tracking_uri), experiment_name(s.name))
         return
     raise typer.Exit(_run(s.name, trials, _uri(tracking_uri), address, max_concurrent, out, " ".join(sys.argv)))
 

@@ -435,6 +435,22 @@ def trial_runs(uri: str, exp_id: str) -> dict[str, Any]:
             return runs
 
 
+def finished_keys(uri: str, experiment: str) -> set[str] | None:
+    """Keys of the trials already done in `experiment`, read without writing anything: None when the store or the
+    experiment does not exist yet (a missing local store is not created), or the store cannot be read."""
+    local = uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:")
+    if is_local_uri(uri) and not Path(local).exists():
+        return None
+    try:
+        if not is_local_uri(uri):
+            check_reachable(uri)
+        exp = client(uri).get_experiment_by_name(experiment)
+        runs = trial_runs(uri, exp.experiment_id) if exp is not None else None
+    except Exception:  # noqa: BLE001 - an estimate without the store's state is still an estimate
+        return None
+    return None if runs is None else {k for k, r in runs.items() if r.data.tags.get(STATUS_TAG) in DONE_STATUSES}
+
+
 def flat_params(prefix: str, values: dict[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in values.items():
