@@ -252,11 +252,13 @@ def _scalar_grid(n: int) -> tuple[int]:
 
 
 def _kernel_takes(p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
-    """Dense contiguous tensors of one shape and dtype, 16-byte aligned (the kernels' vectorized accesses need it)."""
+    """Dense contiguous tensors of one shape and dtype, 16-byte aligned (the kernels' vectorized accesses need it).
+    Written out rather than a loop over the four tensors: it runs for every tensor at every step, on the host."""
     if "subset" in state or g.dtype != p.dtype or g.shape != p.shape:
         return False
-    tensors = (p, g, state["exp_avg"], state["exp_avg_sq"])
-    return all(t.is_contiguous() and t.data_ptr() % ALIGN == 0 for t in tensors)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    return (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+            and (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()) % ALIGN == 0)
 
 
 def _split(b: Bucket) -> tuple[Bucket, Bucket]:
@@ -294,6 +296,9 @@ def _merged(opt: SpikeAwareAdam, buckets: list[Bucket]) -> list[Bucket]:
 
 def _by_counters(b: Bucket, keys: tuple[str, ...]) -> list[tuple[tuple[int, ...], Bucket]]:
     """`b` split by the values of the per-tensor counters `keys` (one part when all tensors are in step)."""
+    first = tuple(int(b.states[0][k]) for k in keys)
+    if all(s[k] == c for s in b.states for k, c in zip(keys, first, strict=True)):  # the usual case, checked cheaply
+        return [(first, b)]
     parts: dict[tuple[int, ...], Bucket] = {}
     for p, g, s in zip(b.params, b.grads, b.states, strict=True):
         counters = tuple(int(s[k]) for k in keys)
