@@ -98,9 +98,9 @@ def _print_remaining(trials: list[Any], uri: str, experiment: str) -> None:
     if not done:
         return
     left = [t for t in trials if t.key not in done]
-    distinct = len({t.key for t in trials})
-    console.print(f"{distinct - len({t.key for t in left})} of {distinct} distinct trials are already done in {uri} "
-                  f"(experiment {experiment}); {len({t.key for t in left})} left")
+    distinct, left_keys = {t.key for t in trials}, {t.key for t in left}
+    console.print(f"{len(distinct) - len(left_keys)} of {len(distinct)} distinct trials are already done in {uri} "
+                  f"(experiment {experiment}); {len(left_keys)} left")
     if left:
         console.print("left: " + describe_wall_time(left))
 
