@@ -273,7 +273,9 @@ def _split(b: Bucket) -> tuple[Bucket, Bucket]:
 
 
 def _hparams(opt: SpikeAwareAdam, group: dict[str, Any]) -> dict[str, Any]:
-    return {key: group[key] for key in opt.defaults if key != "params"}
+    """The group's hyperparameters. ``get``: `torch.optim.Optimizer.load_state_dict` adds keys (``differentiable``) to
+    ``opt.defaults`` that the groups do not have."""
+    return {key: group.get(key) for key in opt.defaults if key != "params"}
 
 
 def _merged(opt: SpikeAwareAdam, buckets: list[Bucket]) -> list[Bucket]:

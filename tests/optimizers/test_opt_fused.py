@@ -57,11 +57,12 @@ def test_fused_matches_foreach(name, hp, dtype, state_dtype):
 def _trajectory(fused_flags: list[bool], steps: int, switch_at: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_(True) for s in SHAPES]
-    opt = StableSPAM(params, lr=1e-3, reset_interval=10, fused=fused_flags[0])
+    groups = [{"params": params[:2]}, {"params": params[2:]}]  # two groups: the fused path merges them
+    opt = StableSPAM(groups, lr=1e-3, reset_interval=10, fused=fused_flags[0])
     for k in range(steps):
         if k == switch_at:
             state = opt.state_dict()
-            opt = StableSPAM(params, lr=1e-3, reset_interval=10, fused=fused_flags[1])
+            opt = StableSPAM(groups, lr=1e-3, reset_interval=10, fused=fused_flags[1])
             opt.load_state_dict(state)
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
@@ -72,7 +73,7 @@ def _trajectory(fused_flags: list[bool], steps: int, switch_at: int) -> list[tor
 @needs_triton
 def test_checkpoint_moves_between_paths():
     ref = _trajectory([False, False], 24, switch_at=13)
-    for flags in ([True, False], [False, True]):
+    for flags in ([True, False], [False, True], [True, True]):  # a resumed fused step: load_state_dict adds keys
         got = _trajectory(flags, 24, switch_at=13)
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
