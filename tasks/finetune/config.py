@@ -16,7 +16,7 @@ fixes the number of steps; when it is None the trial runs `epochs` passes over t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -36,6 +36,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 class FinetuneConfig(TaskConfig):
     """One fine-tuning trial: model, method, data, budget, schedule, evaluation and hardware."""
+
+    # the share of a GPU and of CPUs a trial asks the scheduler for: where it runs, not what it trains
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"gpu_fraction", "cpus"})
 
     # model and method
     model: str = Field(OFFLINE_MODEL, description=f"hub name, local folder, {OFFLINE_MODEL!r} or {TINY_MODEL!r}")
