@@ -70,6 +70,15 @@ def test_runtime_fields_do_not_change_a_trials_identity():
     assert longer.key() != adam0.key
 
 
+@pytest.mark.parametrize("table", ["finetune_commonsense", "forecasting_weather_anomaly"])
+def test_packing_a_table_differently_keeps_its_keys(table):
+    """The GPU share and CPUs of a trial (`--set task.gpu_fraction=...`) say where it runs: finished trials stay done."""
+    _, trials = load_trials("mini", only={table})
+    _, packed = load_trials("mini", parse_sets(["task.gpu_fraction=0.125", "task.cpus=2"]), only={table})
+    assert [t.key for t in packed] == [t.key for t in trials]
+    assert all(t.spec.config["gpu_fraction"] == 0.125 for t in packed)
+
+
 def test_same_trial_in_two_tables_runs_once(tmp_path):
     text = GOOD + GOOD.split("experiments:\n", 1)[1].replace("table: tab", "table: other")
     _, trials = load_trials(write(tmp_path, text))
