@@ -81,6 +81,7 @@ class FinetuneTrial:
     request: TrialOptimizer
     step: int = 0
     _perms: dict[int, list[int]] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)  # the trainable tensors whose last gradient was not finite
 
     @classmethod
     def create(cls, cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], seed: int,
@@ -153,17 +154,20 @@ class FinetuneTrial:
             loss = -logprob.sum() / n_tokens
             loss.backward()
             total += loss.detach()
-        grads = [p.grad for p in self.trainable().values() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        grads = {n: p.grad for n, p in self.trainable().items() if p.grad is not None}
+        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()])
+        norm = float(torch.linalg.vector_norm(norms))
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.trainable().values()), self.cfg.max_grad_norm)
         loss_value = float(total)
-        if math.isfinite(loss_value):
+        # A non-finite gradient with a finite loss is not stepped into the weights; the trial stops, naming it.
+        self.nonfinite = [] if math.isfinite(norm) else [n for n, g in grads.items() if not torch.isfinite(g).all()]
+        if math.isfinite(loss_value) and math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss_value, "lr": lr, "grad_norm": float(norm), "answer_tokens": float(n_tokens)}
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm, "answer_tokens": float(n_tokens)}
 
     # --- evaluation ---------------------------------------------------------------------------------------------
 
@@ -278,9 +282,10 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
         window_seconds += time.perf_counter() - t0
         window_steps += 1
         step = trial.step
-        if not math.isfinite(metrics["loss"]):
-            ctx.report(step=step, **metrics)
-            raise Diverged(f"non-finite loss at step {step}")
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            where = f" (non-finite gradients in {len(trial.nonfinite)} tensors: {', '.join(trial.nonfinite[:3])})" \
+                if trial.nonfinite else ""
+            raise Diverged(f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}{where}")
         last = metrics
         if step % cfg.log_every == 0 or step == trial.total_steps:
             speed = cfg.examples_per_step * window_steps / max(window_seconds, 1e-9)

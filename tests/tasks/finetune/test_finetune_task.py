@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import optimizers
-from tasks.base import LocalContext
+from tasks.base import Diverged, LocalContext
 from tasks.finetune import FinetuneConfig, FinetuneTask
 from tasks.finetune.config import COMMONSENSE_8, OFFLINE_MODEL
 from tasks.finetune.model import estimate_params
@@ -54,6 +55,40 @@ def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
     params = trial.params()
     assert params["optimizer.optimizer"] == "spam" and params["optimizer.reset_interval"] == 7
     assert params["optimizer.lr_source"] == "hparams"
+
+
+def test_a_non_finite_gradient_stops_the_trial_before_the_weights_take_it(tmp_path: Path, make_config: Callable,
+                                                                          run_task: Callable) -> None:
+    """An infinite gradient entry with a finite loss (which SPAM's spike clipping would hide and AdamW would turn into
+    NaN weights): the step is not taken and the trial is reported diverged, naming the tensor."""
+    cfg = make_config("smoke-lora", eval_at_start=False)
+    trial = FinetuneTrial.create(cfg, "spam", {"lr": 5e-3}, seed=0)
+    name, p = next(iter(trial.trainable().items()))
+    p.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+    before = {n: q.detach().clone() for n, q in trial.trainable().items()}
+    metrics = trial.train_step()
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] == float("inf") and trial.nonfinite == [name]
+    assert all(torch.equal(q.detach(), before[n]) for n, q in trial.trainable().items())
+    assert trial.optimizer.state_dict()["state"] == {}  # not stepped: no moments either
+
+    import tasks.finetune.training as training  # the whole trial: a non-finite gradient at its third step
+
+    real = training.FinetuneTrial.train_step
+
+    def third_step_inf(self: FinetuneTrial) -> dict[str, float]:
+        if self.step == 2:
+            q = next(iter(self.trainable().values()))
+            handle = q.register_hook(lambda g: g * float("inf"))
+            try:
+                return real(self)
+            finally:
+                handle.remove()
+        return real(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training.FinetuneTrial, "train_step", third_step_inf)
+        with pytest.raises(Diverged, match=f"step 3: loss [0-9.]+, gradient norm (inf|nan) .*{name}"):
+            run_task(cfg, optimizer="adamw", ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path))
 
 
 @pytest.mark.slow
