@@ -17,6 +17,12 @@ from tasks.finetune.config import PRESETS, FinetuneConfig
 
 SMALL_MODEL_PARAMS = 1e9  # below this a trial asks for a quarter of a GPU
 
+# Measured on one H200, eight trials at a time (0.125 GPU each; the GPU was busy 100% of the time), whole trials of the
+# `mini` presets extrapolated from their first 166-480 steps: start-up 65 s, five evaluations of 20 s (LoRA) / 14 s
+# (full), 9,872 training examples at 13.7 / 19.3 examples/s (results/mini/README.md, fine-tuning section). Per
+# method: (preset, seconds of a trial, GPU share it held).
+MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 885.0, 0.125), "full": ("mini-full", 646.0, 0.125)}
+
 
 class FinetuneTask(Task):
     """LLM fine-tuning on BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e/c, OBQA (and SciQ, COPA, CSQA)."""
@@ -71,6 +77,17 @@ class FinetuneTask(Task):
         if cfg.eval_every and steps % cfg.eval_every == 0:
             evaluations -= 1
         return float(train_flops + evaluations * 2 * n * eval_rows * cfg.max_len)
+
+    def estimate_seconds(self, cfg: TaskConfig) -> float:
+        """Wall-clock seconds of a GPU trial at its GPU share: the measured trial of its method, scaled by FLOPs and by
+        the share (the measured GPU was saturated, so a trial's GPU-seconds do not depend on how trials are packed)."""
+        assert isinstance(cfg, FinetuneConfig)
+        preset, seconds, share = MEASURED[cfg.method]
+        reference = self.estimate_flops(self.config(preset))
+        gpus = self.resources(cfg).gpus
+        if not (reference and gpus and cfg.device != "cpu"):
+            return 0.0
+        return seconds * share / gpus * self.estimate_flops(cfg) / reference
 
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         assert isinstance(cfg, FinetuneConfig)

@@ -34,3 +34,14 @@ def test_forecasting_trials_hold_their_share_for_their_measured_seconds() -> Non
     share = tasks.get_task("forecasting").config("mini").gpu_fraction
     at_measured_share = wall_minutes(trials)["forecasting_weather_anomaly"] * 0.25 / share
     assert abs(at_measured_share - 470 / 60) <= 0.2 * 470 / 60
+
+
+def test_fine_tuning_gpu_time_does_not_depend_on_the_packing() -> None:
+    """The 18 mini fine-tuning trials: 9 LoRA (885 s each) and 9 full (646 s), measured eight at a time on one saturated
+    H200 (results/mini/README.md), about 29 minutes of GPU, whatever share each trial asks for."""
+    from bench.suite import parse_sets
+
+    expected = (9 * 885 + 9 * 646) / 8 / 60
+    for sets in ({}, parse_sets(["task.gpu_fraction=0.125"]), parse_sets(["task.gpu_fraction=0.5"])):
+        _, trials = load_trials("mini", sets, only={"finetune_commonsense"})
+        assert abs(wall_minutes(trials)["finetune_commonsense"] - expected) < 0.01 * expected
