@@ -72,7 +72,7 @@ def test_runtime_fields_do_not_change_a_trials_identity():
 
 @pytest.mark.parametrize("table", ["finetune_commonsense", "forecasting_weather_anomaly"])
 def test_packing_a_table_differently_keeps_its_keys(table):
-    """The GPU share and CPUs of a trial (`--set task.gpu_fraction=...`) say where it runs: finished trials stay done."""
+    """A trial's GPU share and CPUs (`--set task.gpu_fraction=...`) say where it runs: finished trials stay done."""
     _, trials = load_trials("mini", only={table})
     _, packed = load_trials("mini", parse_sets(["task.gpu_fraction=0.125", "task.cpus=2"]), only={table})
     assert [t.key for t in packed] == [t.key for t in trials]
