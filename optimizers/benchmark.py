@@ -7,6 +7,9 @@ steps timed again queued ahead of the device, which separates the device's time 
 ``torch_adamw_fused`` and ``torch_adamw_foreach`` time torch's AdamW kernels, and a registry name with the suffix
 ``_fused`` or ``_foreach`` (``spam_fused``, ``stable_spam_foreach``) forces that path of the in-house optimizers.
 
+``--host-only`` replaces the fused steps' kernels by no-ops, so that on any device (the CPU included) only the Python
+around them is timed: the host's share of a step, which bounds it at small sizes.
+
 Also reported: the measured device-to-device copy bandwidth, the bytes each step must move at the least and the time
 that takes at that bandwidth (the floor). ``--check`` first runs the fused path against the foreach path on the device
 (float32 and bfloat16, random gradients with spikes, across momentum resets, each step from the same state) and logs
@@ -22,6 +25,7 @@ Results are logged (per size and dtype, one line per optimizer: ms per step and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -29,11 +33,12 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
+from . import fused as fused_steps
 from .compose import compute_dtype
 from .fused import STEP_ROUNDINGS, compare_paths, step_tolerance, triton_unavailable_reason
 from .registry import build, resolved_hparams, spec
@@ -179,6 +184,30 @@ def _timed_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device,
     return [start.elapsed_time(end) for start, end in events], host
 
 
+class _NoKernels:
+    """In place of the Triton kernels module: every launch returns at once, so only the host's Python is timed."""
+
+    TL_DTYPES: dict[torch.dtype, None] = {torch.float32: None, torch.bfloat16: None, torch.float16: None}
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def kernels_as_no_ops() -> Iterator[None]:
+    """The fused steps run on any device with their kernels replaced by no-ops (`--host-only`)."""
+    saved = fused_steps._kernels, fused_steps.unsupported_params, fused_steps.triton_unavailable_reason
+    fused_steps._kernels, fused_steps.unsupported_params = _NoKernels(), lambda params, forced: None
+    fused_steps.triton_unavailable_reason = lambda: None
+    try:
+        yield
+    finally:
+        fused_steps._kernels, fused_steps.unsupported_params, fused_steps.triton_unavailable_reason = saved
+
+
 def time_optimizer(name: str, size: str, device: torch.device, dtype: torch.dtype, steps: int = 50,
                    warmup: int = 25, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
     """Milliseconds per `step()` of optimizer `name` on the parameters of LLaMA-`size`: the median over `steps`
@@ -255,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="untimed steps first (25: past SPAM's first 20 steps without spike clipping)")
     parser.add_argument("--check", action="store_true",
                         help="first compare the fused and foreach paths numerically on the device")
+    parser.add_argument("--host-only", action="store_true",
+                        help="replace the fused steps' kernels by no-ops and time the Python around them (any device)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -270,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     hparams = json.loads(args.hparams)
     command = " ".join(["bench perf optimizers", *(sys.argv[1:] if argv is None else argv)])
     report: dict[str, Any] = {"command": command, "device": str(device), "torch": torch.__version__,
-                              "steps": args.steps, "warmup": args.warmup}
+                              "steps": args.steps, "warmup": args.warmup,
+                              "host_only": args.host_only}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     report["triton"] = triton_unavailable_reason() or "available"
@@ -297,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 extra = {k: v for k, v in hparams.items() if k in _accepts(name)}
                 if extra:
                     log.info("%s: %s", name, extra)
-                r = time_optimizer(name, size, device, dtype, steps=args.steps, warmup=args.warmup, hparams=extra)
+                with kernels_as_no_ops() if args.host_only else contextlib.nullcontext():
+                    r = time_optimizer(name, size, device, dtype, steps=args.steps, warmup=args.warmup,
+                                       hparams=extra)
                 nbytes = step_bytes(name, size, dtype, extra.get("state_dtype", "param"))
                 r["bytes"] = nbytes
                 r["floor_ms"] = nbytes / (bandwidth * 1e9) * 1e3 if nbytes and bandwidth == bandwidth else None

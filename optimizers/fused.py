@@ -313,8 +313,32 @@ def _by_counters(b: Bucket, keys: tuple[str, ...]) -> list[tuple[tuple[int, ...]
     return list(parts.items())
 
 
-def fused_step(opt: SpikeAwareAdam, ctx: StepContext, kind: str, forced: bool) -> None:
-    """One step of `opt` (whose configuration has the fused step `kind`): fused where it can, foreach elsewhere."""
+@dataclass
+class _Partition:
+    """A step's buckets, fused (merged across groups) and foreach, kept for the next step while its key holds. The
+    buckets keep parameters and states, not gradients: those are read afresh at every step."""
+
+    state: Any  # the optimizer's state mapping it was built from (held, so that its identity cannot be reused)
+    key: tuple[Any, ...]
+    fused: list[Bucket]
+    rest: list[Bucket]
+
+
+def _partition_key(opt: SpikeAwareAdam) -> tuple[Any, ...]:
+    """What the partition depends on and a step can change: which tensors have a gradient and where it lies, the
+    state (replaced by `load_state_dict`, grown by a first step) and the groups' hyperparameters (merging reads them).
+    Layout, alignment and dtype of a gradient at the same address do not change between steps."""
+    grads = tuple((id(p), 0 if p.grad is None else p.grad.data_ptr()) for g in opt.param_groups for p in g["params"])
+    return len(opt.state), grads, [_hparams(opt, g) for g in opt.param_groups]
+
+
+def _partition(opt: SpikeAwareAdam, ctx: StepContext, forced: bool) -> _Partition:
+    key = _partition_key(opt)
+    cached: _Partition | None = opt.__dict__.get("_fused_partition")
+    if cached is not None and cached.state is opt.state and cached.key == key:
+        for b in (*cached.fused, *cached.rest):
+            b.grads = [p.grad for p in b.params]
+        return cached
     rest: list[Bucket] = []
     fused: list[Bucket] = []
     for b in opt._buckets(ctx):
@@ -329,17 +353,28 @@ def fused_step(opt: SpikeAwareAdam, ctx: StepContext, kind: str, forced: bool) -
             fused.append(taken)
         if other.params:
             rest.append(other)
-    for b in _merged(opt, fused):
-        (_spam_bucket if kind == "spam" else _stable_bucket)(opt, b, ctx)
-    if not rest:
-        return
-    copy = bool(opt.pipeline.transforms)
-    for b in rest:
-        cast = b.dtype != b.params[0].dtype
-        b.work = F.copy_tensors(b.grads, b.dtype) if copy or cast else list(b.grads)
-    opt._transform(rest, ctx)
-    for b in rest:
-        opt._update(b, ctx)
+    part = opt.__dict__["_fused_partition"] = _Partition(opt.state, key, _merged(opt, fused), rest)
+    return part
+
+
+def fused_step(opt: SpikeAwareAdam, ctx: StepContext, kind: str, forced: bool) -> None:
+    """One step of `opt` (whose configuration has the fused step `kind`): fused where it can, foreach elsewhere."""
+    part = _partition(opt, ctx, forced)
+    try:
+        for b in part.fused:
+            (_spam_bucket if kind == "spam" else _stable_bucket)(opt, b, ctx)
+        if not part.rest:
+            return
+        copy = bool(opt.pipeline.transforms)
+        for b in part.rest:
+            cast = b.dtype != b.params[0].dtype
+            b.work = F.copy_tensors(b.grads, b.dtype) if copy or cast else list(b.grads)
+        opt._transform(part.rest, ctx)
+        for b in part.rest:
+            opt._update(b, ctx)
+    finally:  # the kept buckets must not hold this step's gradients alive (set_to_none frees them)
+        for b in (*part.fused, *part.rest):
+            b.grads, b.work = [], []
 
 
 def _dtypes(k: Any, b: Bucket) -> dict[str, Any]:

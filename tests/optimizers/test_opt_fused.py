@@ -380,3 +380,61 @@ def test_clipped_norm_rereads_only_the_rows_it_must():
     assert plan.flags.tolist() == [1, 0, 0, 0]  # the spike's row, the quiet rows of tensor 0, tensor 1
     for a, b in zip(runs[0][0], runs[1][0], strict=True):
         torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+# --- the partition kept between steps --------------------------------------------------------------------------------
+
+
+def _changing_run(name: str, flag: bool, counting: _Counting | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Eight steps through everything the kept partition must notice: a group's weight decay changes (the merged
+    launch splits), the state is reloaded into the same optimizer, a tensor goes without a gradient, gradients are
+    new tensors or the same ones again."""
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.randn(5 + 3 * i, generator=gen).to(DEVICE).requires_grad_(True) for i in range(5)]
+    groups = [{"params": params[:3]}, {"params": params[3:]}]
+    opt = optimizers.build(name, groups, fused=flag, weight_decay=0.1)
+    launches = []
+    for k in range(8):  # odd steps keep the gradient tensors: only the change itself can tell the partition
+        if k == 3:
+            opt.param_groups[1]["weight_decay"] = 0.0
+        if k in (5, 7):  # the second load changes nothing else (the first adds keys to the defaults)
+            opt.load_state_dict(opt.state_dict())
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen).to(DEVICE)
+            if k == 4 and i == 1:
+                p.grad = None
+            elif k % 2 and p.grad is not None:
+                p.grad.copy_(g)  # the same tensor again
+            else:
+                p.grad = g
+        opt.step()
+        launches.append(counting.launches if counting else 0)
+    steps = [torch.tensor(float(opt.state[p]["step"])) for p in params]  # the optimizer's own state, not a copy
+    return [p.detach().cpu() for p in params] + steps, launches
+
+
+@needs_triton
+@pytest.mark.parametrize("name,launches", [("spam", 1), ("stable_spam", 5)])
+def test_kept_partition_follows_what_changes_between_steps(monkeypatch, name, launches):
+    counting = _Counting(importlib.import_module("optimizers._triton_kernels"))
+    monkeypatch.setattr(fused, "_kernels", counting)
+    got, counts = _changing_run(name, True, counting)
+    want, _ = _changing_run(name, False)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    per_step = [b - a for a, b in zip([0, *counts], counts, strict=False)]
+    # merged, then split by the weight decay, then also by counters: the tensor without a gradient at step 4 fell behind
+    assert per_step == [launches] * 3 + [2 * launches] * 2 + [3 * launches] * 3
+
+
+@needs_triton
+def test_kept_partition_does_not_hold_gradients():
+    import weakref
+
+    p = torch.randn(40, device=DEVICE, requires_grad=True)
+    opt = SPAM([p], fused=True)
+    p.grad = torch.randn(40, device=DEVICE)
+    ref = weakref.ref(p.grad)
+    opt.step()
+    p.grad = None
+    assert ref() is None
