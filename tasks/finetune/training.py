@@ -13,6 +13,9 @@ checks that every requested value reached the optimizer, and logs the resolved h
 The learning rate follows a `LambdaLR` on that optimizer: linear warmup from 0 (the Hugging Face convention), then
 linear or cosine decay to `min_lr_ratio` of the peak, or constant.
 
+A step whose gradient is not finite while its loss is, is not taken: the trial stops as diverged, naming the tensors
+and, replayed one at a time, the micro-batches and rows that give it again (a replay draws new dropout masks).
+
 Checkpoints hold the trainable weights (LoRA: the adapters only; full: every parameter), the optimizer and
 scheduler states, the step, the scores before fine-tuning and the torch RNG states; a resumed trial continues
 exactly where the interrupted one stopped (tested bit for bit on CPU).
@@ -82,6 +85,7 @@ class FinetuneTrial:
     step: int = 0
     _perms: dict[int, list[int]] = field(default_factory=dict)
     nonfinite: list[str] = field(default_factory=list)  # the trainable tensors whose last gradient was not finite
+    nonfinite_where: str = ""  # which micro-batches and rows of that step give it, found by replaying them
 
     @classmethod
     def create(cls, cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], seed: int,
@@ -162,12 +166,35 @@ class FinetuneTrial:
         loss_value = float(total)
         # A non-finite gradient with a finite loss is not stepped into the weights; the trial stops, naming it.
         self.nonfinite = [] if math.isfinite(norm) else [n for n, g in grads.items() if not torch.isfinite(g).all()]
+        self.nonfinite_where = ""
         if math.isfinite(loss_value) and math.isfinite(norm):
             self.optimizer.step()
+        elif self.nonfinite:
+            self.nonfinite_where = self._replay(micro, n_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         return {"loss": loss_value, "lr": lr, "grad_norm": norm, "answer_tokens": float(n_tokens)}
+
+    def _gradient_is_finite(self, rows: list[int], n_tokens: int) -> bool:
+        self.optimizer.zero_grad(set_to_none=True)
+        logprob, _ = continuation_logprobs(self.model, collate([self.train_rows[i] for i in rows],
+                                                               self.loaded.tokenizer.pad_token_id, self.device))
+        (-logprob.sum() / n_tokens).backward()
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.trainable().values() if p.grad is not None)
+
+    def _replay(self, micro: list[list[int]], n_tokens: int) -> str:
+        """Which micro-batches of a step with a non-finite gradient give it again alone, and whether each of their
+        rows does alone (a batch whose rows are all finite alone points at padding, not at an example)."""
+        found = []
+        for k, rows in enumerate(micro):
+            if self._gradient_is_finite(rows, n_tokens):
+                continue
+            alone = [i for i in rows if not self._gradient_is_finite([i], n_tokens)]
+            shapes = ", ".join(f"{i} ({len(self.train_rows[i].ids)} tokens, {self.train_rows[i].n_cont} answer)"
+                               for i in rows)
+            found.append(f"micro-batch {k} of rows {shapes}: non-finite alone: {alone or 'none'}")
+        return "; ".join(found) or "no micro-batch gives it again alone"
 
     # --- evaluation ---------------------------------------------------------------------------------------------
 
@@ -283,8 +310,8 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
         window_steps += 1
         step = trial.step
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            where = f" (non-finite gradients in {len(trial.nonfinite)} tensors: {', '.join(trial.nonfinite[:3])})" \
-                if trial.nonfinite else ""
+            where = f" (non-finite gradients in {len(trial.nonfinite)} tensors: {', '.join(trial.nonfinite[:3])}; " \
+                f"{trial.nonfinite_where})" if trial.nonfinite else ""
             raise Diverged(f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}{where}")
         last = metrics
         if step % cfg.log_every == 0 or step == trial.total_steps:

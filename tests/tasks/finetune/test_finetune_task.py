@@ -68,6 +68,11 @@ def test_a_non_finite_gradient_stops_the_trial_before_the_weights_take_it(tmp_pa
     before = {n: q.detach().clone() for n, q in trial.trainable().items()}
     metrics = trial.train_step()
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] == float("inf") and trial.nonfinite == [name]
+    # replayed alone, every micro-batch and every row gives it again (the hook fires at every backward)
+    rows = trial.step_examples(0)
+    assert trial.nonfinite_where.count("micro-batch") == cfg.grad_accum
+    assert all(f"non-finite alone: {rows[k:k + cfg.batch_size]}" in trial.nonfinite_where
+               for k in range(0, len(rows), cfg.batch_size))
     assert all(torch.equal(q.detach(), before[n]) for n, q in trial.trainable().items())
     assert trial.optimizer.state_dict()["state"] == {}  # not stepped: no moments either
 
@@ -87,7 +92,7 @@ def test_a_non_finite_gradient_stops_the_trial_before_the_weights_take_it(tmp_pa
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training.FinetuneTrial, "train_step", third_step_inf)
-        with pytest.raises(Diverged, match=f"step 3: loss [0-9.]+, gradient norm (inf|nan) .*{name}"):
+        with pytest.raises(Diverged, match=f"step 3: loss [0-9.]+, gradient norm (inf|nan) .*{name}; micro-batch 0 "):
             run_task(cfg, optimizer="adamw", ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path))
 
 
