@@ -14,8 +14,10 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -110,6 +112,7 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     _last_trial_end = time.time()
     # where a trial's wall time goes: the worker's start (process, imports) before the task, and the task itself
     finals.update({"time.worker_start_s": entered - started, "time.task_s": _last_trial_end - entered})
+    finals.update(_host_memory())
     tracking.log_metrics(uri, run_id, [(int(ctx.last_metrics.get("step", 0)), k, v, 0) for k, v in finals.items()])
     ctx.set_tags(**{tracking.STATUS_TAG: status, **({"bench.diverged_reason": reason[:5000]} if reason else {})})
     tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"))
@@ -120,6 +123,16 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
 
         tune.report(result)
     return result
+
+
+def _host_memory() -> dict[str, float]:
+    """The worker's peak resident memory so far (a reused worker's trials share it) and the host's memory still
+    available at the trial's end, in GiB: what many trials on one host leave each other."""
+    import psutil
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
+    return {"mem.worker_peak_rss_gib": peak / 2**30,
+            "mem.host_available_gib": psutil.virtual_memory().available / 2**30}
 
 
 def _process_start() -> float:

@@ -52,6 +52,8 @@ def test_smoke_suite_end_to_end(smoke):
         assert f"final.{metric[r.data.tags['bench.task']]}" in r.data.metrics
         # where the trial's wall time went: the worker's start before the task, and the task
         assert r.data.metrics["time.worker_start_s"] >= 0 and r.data.metrics["time.task_s"] > 0
+        # and the memory the host had: the worker's peak (a Python with torch holds well over 100 MiB), what is left
+        assert 0.1 < r.data.metrics["mem.worker_peak_rss_gib"] < 24 and r.data.metrics["mem.host_available_gib"] > 0
     for task, curve in (("rl", "test_return"), ("forecasting", "test_mse"), ("finetune", "acc")):
         for r in (r for r in runs if r.data.tags["bench.task"] == task):
             assert len(c.get_metric_history(r.info.run_id, curve)) >= 2, (task, curve)  # a curve, not one number
