@@ -9,7 +9,9 @@ The gradient reductions (`stats_kernel`, `clipped_rest_kernel`) take rows of a c
 program (`fused.REDUCE_BLOCKS`), so that a program has enough loads in flight; their per-tensor results (max |g|, the
 sum of squares of the clipped gradient) are atomics into a float32 scratch buffer. The kernels compute in float32;
 with ROUND (a bfloat16 compute dtype) every operation is rounded to bfloat16 where the foreach path of
-`functional.py` rounds it, so both paths agree to the last bit up to float32 ties.
+`functional.py` rounds it, so both paths agree to the last bit up to float32 ties. A NaN gradient entry propagates
+as it does there: Triton's `minimum`/`maximum` drop a NaN operand unless told otherwise, which would turn it into a
+finite clipped value.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _reduce_part(g, peak, sq, above, lo, t_hat, ratio, ROUND: tl.constexpr, MAX:
         sq += tl.where(a <= lo, 0.0, c * c)
     else:
         if MAX:
-            peak = tl.maximum(peak, a)
+            peak = tl.maximum(peak, a, propagate_nan=tl.PropagateNan.ALL)
         if SQ:
             if SPLIT:
                 low = a <= lo
@@ -155,7 +157,10 @@ def _reduce_rows(g_base, start, n, lo, t_hat, ratio, ROUND: tl.constexpr, MAX: t
             elif first < n:
                 g = _load(ptrs, offs < n, False)
                 peak, sq, above = _reduce_part(g, peak, sq, above, lo, t_hat, ratio, ROUND, MAX, SQ, SPLIT, FIX)
-    return tl.max(peak, axis=0), tl.sum(sq, axis=0), tl.max(above, axis=0)
+    # max |g| over int32 bits (their order is that of floats >= 0, and a NaN's bits exceed every other's): a NaN
+    # entry gives a NaN peak, as torch's norm(g, inf) does
+    peak = tl.max(peak.to(tl.int32, bitcast=True), axis=0).to(tl.float32, bitcast=True)
+    return peak, tl.sum(sq, axis=0), tl.max(above, axis=0)
 
 
 @triton.jit
@@ -209,7 +214,7 @@ def adaclip_kernel(states, n_tensors, scratch, gamma3, w3, bc3, S: tl.constexpr,
     thr = _load(thr_ptr, mask, False)
     thr = _rne(_rne(thr * gamma3, ROUND) + w3 * peak, ROUND)
     t_hat = _rne(tl.div_rn(thr, bc3), ROUND)
-    ratio = _rne(tl.div_rn(tl.minimum(t_hat, peak), _positive_or_one(peak)), ROUND)
+    ratio = _rne(tl.div_rn(tl.minimum(t_hat, peak, propagate_nan=tl.PropagateNan.ALL), _positive_or_one(peak)), ROUND)
     _store(thr_ptr, thr, mask, False, False)
     tl.store(scratch + 2 * n_tensors + i, t_hat, mask=mask)
     tl.store(scratch + 3 * n_tensors + i, ratio, mask=mask)
@@ -302,7 +307,8 @@ def _spam_update(p_ptr, g_ptr, m_ptr, v_ptr, mask, w1, beta2, w2, eps, step_size
     m, v = _moments(m_ptr, v_ptr, mask, ZERO, FULL, BLOCK)
     if CLIP:
         bound = _rne(tl.sqrt_rn(_rne(v * threshold, ROUND)), ROUND)
-        g = tl.maximum(tl.minimum(g, bound), -bound)
+        g = tl.minimum(g, bound, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as with torch.minimum
+        g = tl.maximum(g, -bound, propagate_nan=tl.PropagateNan.ALL)
     m, v = _adam_moments(m, v, g, w1, beta2, w2, ROUND)
     denom = _rne(_rne(tl.sqrt_rn(v), ROUND) + eps, ROUND)
     p = _rne(p + step_size * tl.div_rn(m, denom), ROUND)

@@ -438,3 +438,36 @@ def test_kept_partition_does_not_hold_gradients():
     opt.step()
     p.grad = None
     assert ref() is None
+
+
+def _nonfinite_run(name: str, flag: bool, hp: dict) -> tuple[list[torch.Tensor], list[dict]]:
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_(True) for s in SHAPES]
+    opt = optimizers.build(name, params, lr=1e-3, fused=flag, **hp)
+    for k in range(30):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+        if k == 24:  # past SPAM's clip warm-up: a NaN entry in one tensor, an infinite one in another
+            params[0].grad.view(-1)[3] = float("nan")
+            params[2].grad.view(-1)[7] = float("inf")
+        opt.step()
+    return [p.detach().cpu() for p in params], [{k: v.cpu() for k, v in opt.state[p].items()
+                                                  if isinstance(v, torch.Tensor)} for p in params]
+
+
+@needs_triton
+@pytest.mark.parametrize("name,hp", [("spam", {"reset_interval": 100, "warmup_steps": 8}),
+                                     ("stable_spam", {"reset_interval": 100})], ids=["spam", "stable_spam"])
+def test_non_finite_gradients_reach_the_weights_as_on_the_foreach_path(name, hp):
+    """A NaN gradient entry is not a spike to clip: both paths carry it into the weights and states (SPAM's clip
+    compares g^2 with threshold * v, which a NaN fails; Triton's min and max drop a NaN unless told not to). An
+    infinite entry leaves the same entries non-finite on both paths (NaN on one, inf on the other in Stable-SPAM's
+    norm statistics, where the foreach path's arithmetic meets inf - inf)."""
+    (ref, ref_state), (got, got_state) = (_nonfinite_run(name, flag, hp) for flag in (False, True))
+    assert torch.isnan(ref[0]).any()  # the reference does not hide it
+    pairs = [(a, b, "param") for a, b in zip(got, ref, strict=True)]
+    pairs += [(sa[key], sb[key], key) for sa, sb in zip(got_state, ref_state, strict=True) for key in sb]
+    for a, b, key in pairs:
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite), key
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-5, atol=1e-6, msg=key)
