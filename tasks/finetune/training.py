@@ -13,8 +13,10 @@ checks that every requested value reached the optimizer, and logs the resolved h
 The learning rate follows a `LambdaLR` on that optimizer: linear warmup from 0 (the Hugging Face convention), then
 linear or cosine decay to `min_lr_ratio` of the peak, or constant.
 
-A step whose gradient is not finite while its loss is, is not taken: the trial stops as diverged, naming the tensors
-and, replayed one at a time, the micro-batches and rows that give it again (a replay draws new dropout masks).
+A step whose gradient or loss is not finite is not taken. Up to `max_nonfinite_steps` such steps are skipped (each
+named in a `skipped_step.<step>` tag, their number in `skipped_steps`); the next one stops the trial as diverged.
+The message names the tensors and, replayed one at a time, the micro-batches and rows that give a non-finite
+gradient again (a replay draws new dropout masks).
 
 Checkpoints hold the trainable weights (LoRA: the adapters only; full: every parameter), the optimizer and
 scheduler states, the step, the scores before fine-tuning and the torch RNG states; a resumed trial continues
@@ -86,6 +88,7 @@ class FinetuneTrial:
     _perms: dict[int, list[int]] = field(default_factory=dict)
     nonfinite: list[str] = field(default_factory=list)  # the trainable tensors whose last gradient was not finite
     nonfinite_where: str = ""  # which micro-batches and rows of that step give it, found by replaying them
+    skipped: int = 0  # steps not taken for a non-finite gradient or loss (`max_nonfinite_steps`)
 
     @classmethod
     def create(cls, cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], seed: int,
@@ -217,6 +220,7 @@ class FinetuneTrial:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "skipped": self.skipped,
             "trainable": {n: p.detach().cpu() for n, p in self.trainable().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -234,6 +238,7 @@ class FinetuneTrial:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
         set_rng_state(state["rng"], self.device)
 
     # --- what to log --------------------------------------------------------------------------------------------
@@ -309,12 +314,19 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
         window_seconds += time.perf_counter() - t0
         window_steps += 1
         step = trial.step
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+        if not finite:  # the step was not taken
             where = f" (non-finite gradients in {len(trial.nonfinite)} tensors: {', '.join(trial.nonfinite[:3])}; " \
                 f"{trial.nonfinite_where})" if trial.nonfinite else ""
-            raise Diverged(f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}{where}")
-        last = metrics
-        if step % cfg.log_every == 0 or step == trial.total_steps:
+            message = f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}{where}"
+            if trial.skipped >= cfg.max_nonfinite_steps:
+                raise Diverged(message)
+            trial.skipped += 1
+            log.warning("skipped (%d of at most %d): %s", trial.skipped, cfg.max_nonfinite_steps, message)
+            ctx.set_tags(**{f"skipped_step.{step}": message[:5000]})
+        else:
+            last = metrics
+        if finite and (step % cfg.log_every == 0 or step == trial.total_steps):
             speed = cfg.examples_per_step * window_steps / max(window_seconds, 1e-9)
             ctx.report(step=step, **metrics, examples_per_sec=speed)
             window_steps, window_seconds = 0, 0.0
@@ -331,7 +343,7 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
         out = ctx.artifact_dir / "model"
         trial.model.save_pretrained(out)
         trial.loaded.tokenizer.save_pretrained(out)
-    result = {**final, **before, "steps": float(trial.total_steps)}
+    result = {**final, **before, "steps": float(trial.total_steps), "skipped_steps": float(trial.skipped)}
     if last:
         result["loss"] = last["loss"]
     return result

@@ -80,8 +80,10 @@ def test_a_non_finite_gradient_stops_the_trial_before_the_weights_take_it(tmp_pa
 
     real = training.FinetuneTrial.train_step
 
-    def third_step_inf(self: FinetuneTrial) -> dict[str, float]:
-        if self.step == 2:
+    bad_steps = {2}  # 0-based steps whose gradient gets an infinite factor
+
+    def inf_at_bad_steps(self: FinetuneTrial) -> dict[str, float]:
+        if self.step in bad_steps:
             q = next(iter(self.trainable().values()))
             handle = q.register_hook(lambda g: g * float("inf"))
             try:
@@ -91,9 +93,20 @@ def test_a_non_finite_gradient_stops_the_trial_before_the_weights_take_it(tmp_pa
         return real(self)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training.FinetuneTrial, "train_step", third_step_inf)
+        mp.setattr(training.FinetuneTrial, "train_step", inf_at_bad_steps)
         with pytest.raises(Diverged, match=f"step 3: loss [0-9.]+, gradient norm (inf|nan) .*{name}; micro-batch 0 "):
-            run_task(cfg, optimizer="adamw", ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path))
+            run_task(cfg, optimizer="adamw", ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path / "stop"))
+        # allowed one skipped step: the trial goes on past it, names it, counts it; a second one stops it
+        skipping = cfg.model_copy(update={"max_nonfinite_steps": 1})
+        ctx = LocalContext(seed=0, device="cpu", workdir=tmp_path / "skip")
+        result, _ = run_task(skipping, optimizer="adamw", ctx=ctx)
+        assert result["skipped_steps"] == 1 and math.isfinite(result["loss"]) and math.isfinite(result["acc"])
+        assert name in ctx.tags["skipped_step.3"] and "micro-batch 0" in ctx.tags["skipped_step.3"]
+        logged = [s for s in range(1, cfg.steps + 1) if s % cfg.log_every == 0 and s != 3]  # not the skipped step
+        assert [s for s, _ in ctx.series("loss")] == logged
+        bad_steps.add(4)
+        with pytest.raises(Diverged, match="step 5: "):
+            run_task(skipping, optimizer="adamw", ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path / "again"))
 
 
 @pytest.mark.slow
