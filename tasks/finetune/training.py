@@ -167,7 +167,7 @@ class FinetuneTrial:
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.trainable().values()), self.cfg.max_grad_norm)
         loss_value = float(total)
-        # A non-finite gradient with a finite loss is not stepped into the weights; the trial stops, naming it.
+        # A step with a non-finite gradient or loss is not taken (`train` skips or stops); the tensors are named.
         self.nonfinite = [] if math.isfinite(norm) else [n for n, g in grads.items() if not torch.isfinite(g).all()]
         self.nonfinite_where = ""
         if math.isfinite(loss_value) and math.isfinite(norm):
