@@ -57,10 +57,11 @@ def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
     assert params["optimizer.lr_source"] == "hparams"
 
 
-def test_a_non_finite_gradient_stops_the_trial_before_the_weights_take_it(tmp_path: Path, make_config: Callable,
-                                                                          run_task: Callable) -> None:
+def test_a_non_finite_gradient_is_not_taken_and_skipped_or_stops_the_trial(tmp_path: Path, make_config: Callable,
+                                                                            run_task: Callable) -> None:
     """An infinite gradient entry with a finite loss (which SPAM's spike clipping would hide and AdamW would turn into
-    NaN weights): the step is not taken and the trial is reported diverged, naming the tensor."""
+    NaN weights): the step is not taken; the trial stops as diverged, naming the tensor, or with
+    `max_nonfinite_steps` skips that many such steps and goes on."""
     cfg = make_config("smoke-lora", eval_at_start=False)
     trial = FinetuneTrial.create(cfg, "spam", {"lr": 5e-3}, seed=0)
     name, p = next(iter(trial.trainable().items()))
