@@ -187,7 +187,7 @@ def _timed_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device,
 class _NoKernels:
     """In place of the Triton kernels module: every launch returns at once, so only the host's Python is timed."""
 
-    TL_DTYPES: dict[torch.dtype, None] = {torch.float32: None, torch.bfloat16: None, torch.float16: None}
+    TL_DTYPES: dict[torch.dtype, None] = dict.fromkeys(fused_steps.DTYPES)
 
     def __getattr__(self, name: str) -> Any:
         return self
@@ -198,14 +198,15 @@ class _NoKernels:
 
 @contextlib.contextmanager
 def kernels_as_no_ops() -> Iterator[None]:
-    """The fused steps run on any device with their kernels replaced by no-ops (`--host-only`)."""
-    saved = fused_steps._kernels, fused_steps.unsupported_params, fused_steps.triton_unavailable_reason
-    fused_steps._kernels, fused_steps.unsupported_params = _NoKernels(), lambda params, forced: None
+    """The fused steps run on any device with their kernels replaced by no-ops (`--host-only`); the dtype rule and
+    every other condition of the fused step stay as they are."""
+    saved = fused_steps._kernels, fused_steps.device_supported, fused_steps.triton_unavailable_reason
+    fused_steps._kernels, fused_steps.device_supported = _NoKernels(), lambda device, forced: True
     fused_steps.triton_unavailable_reason = lambda: None
     try:
         yield
     finally:
-        fused_steps._kernels, fused_steps.unsupported_params, fused_steps.triton_unavailable_reason = saved
+        fused_steps._kernels, fused_steps.device_supported, fused_steps.triton_unavailable_reason = saved
 
 
 def time_optimizer(name: str, size: str, device: torch.device, dtype: torch.dtype, steps: int = 50,

@@ -34,10 +34,10 @@ def test_unknown_size_is_refused(capsys):
 def test_host_only_times_the_fused_step_on_the_cpu_and_restores_its_kernels():
     from optimizers import fused
 
-    saved = fused._kernels, fused.unsupported_params, fused.triton_unavailable_reason
+    saved = fused._kernels, fused.device_supported, fused.triton_unavailable_reason
     report = main(["--size", "60m", "--dtype", "bfloat16", "--device", "cpu", "--names", "spam_fused,stable_spam_fused",
                    "--steps", "2", "--warmup", "1", "--host-only"])
     assert report["host_only"] is True
     (run,) = report["runs"]
     assert all(r["fused_active"] for r in run["results"].values())  # CPU tensors, yet the fused path ran
-    assert (fused._kernels, fused.unsupported_params, fused.triton_unavailable_reason) == saved
+    assert (fused._kernels, fused.device_supported, fused.triton_unavailable_reason) == saved
