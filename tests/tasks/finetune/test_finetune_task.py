@@ -57,6 +57,26 @@ def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
     assert params["optimizer.lr_source"] == "hparams"
 
 
+def test_training_attention_leaves_out_cudnn_and_evaluation_keeps_the_default(make_config: Callable) -> None:
+    """A training step's forward and backward, and a replay's, run without cuDNN attention (its backward gave NaN
+    query gradients on left-padded batches 64 mod 128 wide: `training.TRAIN_ATTENTION`); evaluation and whatever
+    runs after a step keep torch's default backends."""
+    cfg = make_config("smoke-lora", eval_at_start=False)
+    trial = FinetuneTrial.create(cfg, "adamw", {"lr": 5e-3}, seed=0)
+    seen: list[tuple[str, bool]] = []
+    trial.model.register_forward_pre_hook(lambda *_: seen.append(("forward", torch.backends.cuda.cudnn_sdp_enabled())))
+    next(iter(trial.trainable().values())).register_hook(
+        lambda g: seen.append(("backward", torch.backends.cuda.cudnn_sdp_enabled())))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    trial.train_step()
+    assert trial._gradient_is_finite(trial.step_examples(1)[:1], 1)
+    assert {kind for kind, _ in seen} == {"forward", "backward"} and not any(on for _, on in seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    seen.clear()
+    trial.evaluate()
+    assert seen and all(on for _, on in seen)
+
+
 def test_a_non_finite_gradient_is_not_taken_and_skipped_or_stops_the_trial(tmp_path: Path, make_config: Callable,
                                                                             run_task: Callable) -> None:
     """An infinite gradient entry with a finite loss (which SPAM's spike clipping would hide and AdamW would turn into
