@@ -17,12 +17,11 @@ from tasks.finetune.config import PRESETS, FinetuneConfig
 
 SMALL_MODEL_PARAMS = 1e9  # below this a trial asks for a quarter of a GPU
 
-# Measured on one H200, eight trials at a time (0.125 GPU each; the GPU was busy 100% of the time), whole trials of the
-# `mini` presets extrapolated from their first 166-480 steps: start-up 65 s, five evaluations of 20 s (LoRA) / 14 s
-# (full), 9,872 training examples at 13.7 / 19.3 examples/s (results/mini/README.md, fine-tuning section). Per
-# method: (preset, seconds of a trial, GPU share it held). Measured with micro-batches of 4 examples, before the
-# presets took one micro-batch of 16 per step: an upper bound until measured again.
-MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 885.0, 0.125), "full": ("mini-full", 646.0, 0.125)}
+# Measured on one H200, nine trials of the `mini` table at a time (0.111 GPU each; the GPU 85% busy on average, 99 GB
+# of its memory at most): a whole trial (617 steps of one micro-batch of 16, five evaluations, start-up) took 504 s
+# with LoRA and 283 s fully fine-tuned (medians of nine each; 34.7 and 54.5 training examples/s), the eighteen 811 s
+# (results/mini/README.md, fine-tuning section). Per method: (preset, seconds of a trial, GPU share it held).
+MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 504.0, 0.111), "full": ("mini-full", 283.0, 0.111)}
 
 
 class FinetuneTask(Task):
