@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # Training's forward and backward leave out cuDNN attention, the default SDPA backend on H100/H200 for masked
 # attention: in torch 2.11 its backward returns NaN query gradients when the padded length is 64 mod 128 and a query
 # row's logsumexp is below ln(FLT_MAX), as a left-padding row's always is (pytorch/pytorch#196678). Every trial of
-# the H200 `mini` table met it at one micro-batch 192 tokens wide (results/mini/README.md); the others are exact.
+# the H200 `mini` table met it at one micro-batch 192 tokens wide (results/mini/README.md); the other backends do not.
 TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 SCORING_TAG = ("acc: argmax over choices of answer log-likelihood / answer characters (headline); "
