@@ -2,7 +2,7 @@
 
 Run: `python -m tasks.finetune.attention_check [--json FILE]`.
 
-A randomly initialised model of SmolLM2-135M's shape takes fine-tuning's loss (`scoring.continuation_logprobs`) on
+A randomly initialised model of SmolLM2-135M's shape takes fine-tuning's loss (`training.loss_backward`) on
 left-padded batches: the micro-batch at which every trial of the H200 `mini` table met a non-finite gradient (16
 rows, 192 tokens wide), then pairs of a full row and a 3-token row at widths around multiples of 128. Each batch runs
 forward and backward twice, with torch's default attention backends and with `training.TRAIN_ATTENTION`, and the
@@ -12,16 +12,14 @@ number of non-finite gradient tensors of each is printed (and written as JSON wi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 
 import torch
-from torch.nn.attention import sdpa_kernel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.finetune.scoring import Encoded, collate, continuation_logprobs
-from tasks.finetune.training import TRAIN_ATTENTION
+from tasks.finetune.scoring import Encoded, collate
+from tasks.finetune.training import TRAIN_ATTENTION, loss_backward
 
 # SmolLM2-135M's shape (its config.json on the hub); the weights are random: the failure does not depend on them.
 SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -38,10 +36,7 @@ def nonfinite_grads(model: LlamaForCausalLM, shapes: list[tuple[int, int]], devi
     vocab = model.config.vocab_size
     rows = [Encoded(torch.randint(1, vocab, (n,), generator=gen).tolist(), k) for n, k in shapes]
     model.zero_grad(set_to_none=True)
-    batch = collate(rows, 0, device)
-    with sdpa_kernel(TRAIN_ATTENTION) if training else contextlib.nullcontext():
-        logprob, _ = continuation_logprobs(model, batch)
-        (-logprob.sum()).backward()
+    loss_backward(model, collate(rows, 0, device), 1, TRAIN_ATTENTION if training else None)
     return sum(not bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 

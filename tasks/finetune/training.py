@@ -25,6 +25,7 @@ exactly where the interrupted one stopped (tested bit for bit on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -59,6 +60,17 @@ log = logging.getLogger(__name__)
 # row's logsumexp is below ln(FLT_MAX), as a left-padding row's always is (pytorch/pytorch#196678). Every trial of
 # the H200 `mini` table met it at one micro-batch 192 tokens wide (results/mini/README.md); the other backends do not.
 TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def loss_backward(model: nn.Module, batch: dict[str, torch.Tensor], n_tokens: int,
+                  attention: list[SDPBackend] | None = TRAIN_ATTENTION) -> torch.Tensor:
+    """Fine-tuning's loss of one micro-batch (its answer tokens' negative log-likelihood over the step's `n_tokens`),
+    backpropagated with the `attention` backends (None: torch's defaults); returns the loss, detached."""
+    with sdpa_kernel(attention) if attention is not None else contextlib.nullcontext():
+        logprob, _ = continuation_logprobs(model, batch)
+        loss = -logprob.sum() / n_tokens
+        loss.backward()
+    return loss.detach()
 
 SCORING_TAG = ("acc: argmax over choices of answer log-likelihood / answer characters (headline); "
                "acc_sum: argmax of the summed log-likelihood")
@@ -164,11 +176,7 @@ class FinetuneTrial:
         lr = float(self.optimizer.param_groups[0]["lr"])
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
-            with sdpa_kernel(TRAIN_ATTENTION):
-                logprob, _ = continuation_logprobs(self.model, batch)
-                loss = -logprob.sum() / n_tokens
-                loss.backward()
-            total += loss.detach()
+            total += loss_backward(self.model, batch, n_tokens)
         grads = {n: p.grad for n, p in self.trainable().items() if p.grad is not None}
         norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()])
         norm = float(torch.linalg.vector_norm(norms))
@@ -189,10 +197,8 @@ class FinetuneTrial:
 
     def _gradient_is_finite(self, rows: list[int], n_tokens: int) -> bool:
         self.optimizer.zero_grad(set_to_none=True)
-        batch = collate([self.train_rows[i] for i in rows], self.loaded.tokenizer.pad_token_id, self.device)
-        with sdpa_kernel(TRAIN_ATTENTION):
-            logprob, _ = continuation_logprobs(self.model, batch)
-            (-logprob.sum() / n_tokens).backward()
+        loss_backward(self.model, collate([self.train_rows[i] for i in rows], self.loaded.tokenizer.pad_token_id,
+                                          self.device), n_tokens)
         return all(bool(torch.isfinite(p.grad).all()) for p in self.trainable().values() if p.grad is not None)
 
     def _replay(self, micro: list[list[int]], n_tokens: int) -> str:
