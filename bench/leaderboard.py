@@ -193,7 +193,8 @@ def provenance(members: list[Trial], runs: dict[str, Any], compared: bool) -> li
     why that comparison is not like for like (a scaled-down preset, fallback data, a model that is not pretrained)."""
     presets = list(dict.fromkeys(t.spec.preset for t in members))
     tags = {t.key: runs[t.key].data.tags for t in members if t.key in runs}
-    models = list(dict.fromkeys(_model_of(t, tags.get(t.key, {})) for t in members))
+    ran = [t for t in members if t.key in tags] or members  # trials not run yet recorded no model
+    models = list(dict.fromkeys(_model_of(t, tags.get(t.key, {})) for t in ran))
     notes = [f"Scale: preset {', '.join(presets)}. Model: {'; '.join(models)}."]
     if not compared:
         return notes

@@ -4,6 +4,7 @@ sweeps whose results stay findable. The store is a real MLflow SQLite store fill
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 
 from bench import leaderboard, tracking
@@ -101,3 +102,16 @@ def test_sweep_names_differ_by_what_they_sweep():
     assert a == _sweep_name("llm_pretrain", "smoke", ["adamw"], [1e-3], 3, {})
     assert a != _sweep_name("llm_pretrain", "smoke", ["adamw", "spam"], [1e-3], 3, {})
     assert a != _sweep_name("llm_pretrain", "smoke", ["adamw"], [1e-3], 3, {"task.steps": 10})
+
+
+def test_the_model_note_comes_from_the_trials_that_ran(tmp_path, monkeypatch):
+    """A table with trials still to run names the model its finished trials recorded, not 'not recorded'."""
+    uri, trials = fill_store(tmp_path, monkeypatch)
+    runs = {r.data.tags[tracking.KEY_TAG]: r for r in tracking.client(uri).search_runs(
+        [tracking.experiment_id(uri, experiment_name("rep"))]) if tracking.KEY_TAG in r.data.tags}
+    for run in runs.values():
+        tracking.client(uri).set_tag(run.info.run_id, "model_source", "a pretrained checkpoint")
+    runs = {k: tracking.client(uri).get_run(r.info.run_id) for k, r in runs.items()}
+    extra = dataclasses.replace(trials[0], spec=trials[0].spec.model_copy(update={"seed": 7}))
+    note = leaderboard.provenance([*trials, extra], runs, compared=False)[0]
+    assert note == "Scale: preset smoke. Model: a pretrained checkpoint."
