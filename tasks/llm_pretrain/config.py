@@ -35,7 +35,9 @@ class LLMPretrainConfig(TaskConfig):
     model_size: ModelSize = "tiny"
     precision: Precision = Field("bf16", description="bf16: weights, grads and optimizer states in bf16 (papers); "
                                  "fp32; amp: fp32 weights with bf16 autocast on CUDA")
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool | Literal["cudagraphs"] = Field(
+        False, description="torch.compile the model; 'cudagraphs': also replay each step's kernels as CUDA graphs "
+        "(torch.compile mode 'reduce-overhead'; on CUDA, one micro-batch per step and one worker; elsewhere as True)")
     quant: QuantFormat = Field("none", description="fake quantization of the 7 block projections")
     quant_group_size: int = Field(256, ge=4)
     quant_bits: int | None = Field(None, ge=2, le=8, description="bit width of the int formats, weights and "
@@ -102,6 +104,11 @@ class LLMPretrainConfig(TaskConfig):
             raise ValueError(f"quant_bits applies to the int formats (int4, int8), not to quant={self.quant!r}")
         if self.data_source == "offline" and self.c4_path:
             raise ValueError("c4_path is set but data_source is 'offline'")
+        if self.compile == "cudagraphs" and (self.accumulation > 1 or self.workers > 1):
+            # a graph replay reuses its output buffers, gradients included: a second micro-batch's replay (or DDP's
+            # hooks) would write over gradients still being accumulated
+            raise ValueError(f"compile 'cudagraphs' needs one micro-batch per step and one worker; this config has "
+                             f"{self.accumulation} micro-batches and {self.workers} workers (use compile: true)")
         return self
 
     @property
@@ -148,10 +155,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # on every trial and table. Compiled: on one H200 a lone mini trial trains 811k tokens/s compiled against 316k
     # eager in BF16, and 702k compiled in FP4 (`bench perf train --size mini --variants eager,compile,compile-fp4
     # --set bpe_vocab_size=8192`, results/perf/h200_mini_throughput.json); trials after the first hit the compile
-    # cache. `compile` is a runtime field, so trials run eager before count as the same trials.
+    # cache. That compiled step is host-bound (11.7 ms a step, 2.8 ms of it kernels): replayed as CUDA graphs a lone
+    # mini trial trains 1.94M tokens/s against 0.72M, with the same losses (results/perf/h200_mini_cudagraphs.json).
+    # `compile` is a runtime field, so trials run eager or without graphs before count as the same trials.
     "mini": {
         "model_size": "mini", "seq_len": 256, "batch_size": 32, "micro_batch_size": 32, "steps": 1000,
-        "warmup_steps": 100, "lr": 1e-3, "precision": "bf16", "compile": True, "eval_every": 250,
+        "warmup_steps": 100, "lr": 1e-3, "precision": "bf16", "compile": "cudagraphs", "eval_every": 250,
         "eval_tokens": 200_000, "log_every": 25, "checkpoint_every": 250,
     },
     **{f"paper-{s}": _paper(s, steps, lr, micro) for s, (steps, lr, micro) in _BF16.items()},

@@ -152,8 +152,10 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any) -> tuple[float, float]:
-    """(exact loss, the papers' estimate) on the held-out batches (`loss_fn`: a CausalLMLoss, token-summed).
+def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any,
+             graphs: bool = False) -> tuple[float, float]:
+    """(exact loss, the papers' estimate) on the held-out batches (`loss_fn`: a CausalLMLoss, token-summed; `graphs`:
+    it replays CUDA graphs).
 
     The exact loss is the mean cross-entropy over all predicted (non-pad) tokens. The papers' estimate is what both
     authors' evaluation loops compute (SPAM torchrun_main.py:120-141, StableSPAM utils/eval.py:42-63): on each rank the
@@ -166,6 +168,8 @@ def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, aut
     for ids, labels in batches[rank::size]:
         targets = shifted_targets(labels)
         count = int((targets != -100).sum())
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast():
             batch_loss = loss_fn(ids.to(device), targets.to(device)).double()
         total[0] += batch_loss
@@ -252,7 +256,11 @@ class Trainer:
         self.no_sync = getattr(loss_fn, "no_sync", contextlib.nullcontext)
         if cfg.compile:
             torch.compiler.reset()  # a fresh trial: drop graphs of earlier trials in this process
-        self.loss_fn: nn.Module = torch.compile(loss_fn) if cfg.compile else loss_fn
+        # A small model's compiled step is host-bound: CUDA graphs replay its ~300 kernels in one launch
+        # (results/perf/README.md, mini step probe). Elsewhere 'cudagraphs' compiles as True does.
+        self.graphs = cfg.compile == "cudagraphs" and self.device.type == "cuda"
+        mode = "reduce-overhead" if self.graphs else None
+        self.loss_fn: nn.Module = torch.compile(loss_fn, mode=mode) if cfg.compile else loss_fn
         self.autocast = self._autocast()
 
         self.request = trial_optimizer(optimizer, hparams, cfg, ctx.seed, weight_decay=cfg.weight_decay,
@@ -313,7 +321,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
         batches, n_tokens = self.validation()
-        val_loss, paper_loss = evaluate(self.loss_fn, batches, self.device, self.autocast)
+        val_loss, paper_loss = evaluate(self.loss_fn, batches, self.device, self.autocast, self.graphs)
         self.seconds["eval"] += time.perf_counter() - started
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": n_tokens,
                    PAPER_ESTIMATE: math.exp(min(paper_loss, 700.0))}
@@ -447,6 +455,8 @@ class Trainer:
         mine = slice(self.rank * share, (self.rank + 1) * share)
         step_loss = torch.zeros((), device=self.device)
         for i, ((ids, _), tgt) in enumerate(zip(batches[mine], targets[mine], strict=True)):
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs were read: reuse them
             with self.autocast():
                 loss = self.loss_fn(ids.to(self.device, non_blocking=True),
                                     tgt.to(self.device, non_blocking=True)) / n_pred

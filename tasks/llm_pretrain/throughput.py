@@ -48,6 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile-big-micro": {"compile": True, "micro_batch_size": 512},
     "compile-int4": {"compile": True, "quant": "int4"},
     "compile-fp4": {"compile": True, "quant": "fp4"},
+    "compile-cudagraphs": {"compile": "cudagraphs"},
+    "compile-fp4-cudagraphs": {"compile": "cudagraphs", "quant": "fp4"},
 }
 ANCHOR = "anchor"  # the plain transformers + torch.compile recipe (module docstring)
 CHOICES = (*VARIANTS, ANCHOR)
@@ -126,7 +128,7 @@ def measure(size: str, variant: str, steps: int, log_every: int, device: str, ov
     ctx = LocalContext(seed=0, device=device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    task.run(cfg, "adamw", {}, ctx)
+    result = task.run(cfg, "adamw", {}, ctx)
     windows = [v for _, v in ctx.series("tokens_per_sec")][1:]
     tokens_per_sec = statistics.median(windows)
     positions_per_sec = statistics.median([v for _, v in ctx.series("positions_per_sec")][1:])
@@ -142,6 +144,8 @@ def measure(size: str, variant: str, steps: int, log_every: int, device: str, ov
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         # the first step's seconds: compilation when compiled (from the on-disk cache when an earlier run filled it)
         "first_step_s": ctx.series("time.first_step_s")[-1][1],
+        # same seed and data in every variant: compiled variants should agree to bf16 rounding
+        "train_loss": result["train_loss"], "val_loss": result["val_loss"],
     }
 
 

@@ -62,10 +62,11 @@ def test_runtime_fields_do_not_change_a_trials_identity():
     store in results/mini/gpu_store.tar.gz was made eager), while what a trial trains still changes its key."""
     _, trials = load_trials("mini", only={"llm_pretrain_bf16"})
     adam0 = next(t for t in trials if t.row == "adam" and t.spec.seed == 0)
-    assert adam0.spec.config["compile"] is True
+    assert adam0.spec.config["compile"] == "cudagraphs"
     assert adam0.key == "73477b7e6fbdf3e9"  # the key of this trial in the eager store
-    eager = adam0.spec.model_copy(update={"config": {**adam0.spec.config, "compile": False}})
-    assert eager.key() == adam0.key
+    for compile_ in (False, True):
+        other = adam0.spec.model_copy(update={"config": {**adam0.spec.config, "compile": compile_}})
+        assert other.key() == adam0.key
     longer = adam0.spec.model_copy(update={"config": {**adam0.spec.config, "steps": 2000}})
     assert longer.key() != adam0.key
 

@@ -65,6 +65,8 @@ def test_flops_estimate_is_six_n_d_plus_attention() -> None:
         ({"quant": "int3"}, "quant"),
         ({"precision": "fp16"}, "precision"),
         ({"no_such_field": 1}, "no_such_field"),
+        ({"compile": "cudagraphs"}, "cudagraphs' needs one micro-batch per step"),  # smoke: 2 micro-batches a step
+        ({"compile": "max-autotune"}, "compile"),
     ],
 )
 def test_config_validation(overrides: dict, message: str) -> None:
@@ -76,3 +78,9 @@ def test_size_counts_use_the_meta_device() -> None:
     model = build_llama(llama_config("1b"), device="meta")
     assert all(p.is_meta for p in model.parameters())
     assert LLMPretrainConfig().model_size == "tiny"
+
+
+def test_cudagraphs_takes_a_single_micro_batch_step() -> None:
+    cfg = LLMPretrainTask().config("mini")
+    assert cfg.compile == "cudagraphs" and cfg.accumulation == 1 and cfg.workers == 1
+    assert LLMPretrainTask().config("smoke", {"compile": "cudagraphs", "micro_batch_size": 8}).compile == "cudagraphs"
