@@ -305,6 +305,13 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
     trial = FinetuneTrial.create(cfg, optimizer, hparams, seed=int(ctx.seed), device=device)
     # seconds per phase (metrics ``time.*_s``, reported at the end): where a trial's wall time goes
     seconds = {"setup": time.perf_counter() - started, "train": 0.0, "eval": 0.0}
+
+    def evaluate() -> dict[str, float]:
+        t_eval = time.perf_counter()
+        scores = trial.evaluate()
+        seconds["eval"] += time.perf_counter() - t_eval
+        return scores
+
     ctx.log_params(trial.params())
     ctx.set_tags(**trial.tags())
     state = ctx.load_checkpoint()
@@ -315,9 +322,7 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
         ctx.set_tags(resumed_from_step=str(trial.step))
         log.info("resumed fine-tuning at step %d of %d", trial.step, trial.total_steps)
     elif cfg.eval_at_start:
-        t_eval = time.perf_counter()
-        scores = trial.evaluate()
-        seconds["eval"] += time.perf_counter() - t_eval
+        scores = evaluate()
         ctx.report(step=0, **scores)
         before = {f"{k}_start": v for k, v in scores.items() if k in ("acc", "acc_sum")}
         log.info("before fine-tuning: acc %.4f", scores["acc"])
@@ -331,8 +336,9 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
     while trial.step < trial.total_steps:
         t0 = time.perf_counter()
         metrics = trial.train_step()
-        window_seconds += time.perf_counter() - t0
-        seconds["train"] += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        window_seconds += took
+        seconds["train"] += took
         window_steps += 1
         step = trial.step
         finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
@@ -352,18 +358,14 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
             ctx.report(step=step, **metrics, examples_per_sec=speed)
             window_steps, window_seconds = 0, 0.0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == trial.total_steps:
-            t_eval = time.perf_counter()
-            final = trial.evaluate()
-            seconds["eval"] += time.perf_counter() - t_eval
+            final = evaluate()
             ctx.report(step=step, **final)
             log.info("step %d/%d: loss %.4f, acc %.4f (%s)", step, trial.total_steps, metrics["loss"], final["acc"],
                      ", ".join(f"{s.name} {final[f'acc/{s.name}']:.3f}" for s in trial.sets))
         if (every_ckpt and step % every_ckpt == 0) or step == trial.total_steps:
             ctx.save_checkpoint({"step": step, "trial": trial.state_dict(), "before": before})
     if not final:  # resumed from the last step's checkpoint
-        t_eval = time.perf_counter()
-        final = trial.evaluate()
-        seconds["eval"] += time.perf_counter() - t_eval
+        final = evaluate()
     ctx.report(step=trial.total_steps, **{f"time.{phase}_s": v for phase, v in seconds.items()})
     if cfg.save_model:
         out = ctx.artifact_dir / "model"

@@ -34,7 +34,8 @@ MODES = ("eager", "default", "reduce-overhead")
 
 
 def make_step(mode: str, optimizer: str) -> Callable[[int], torch.Tensor]:
-    """One training step of the mini LLaMA in bf16 on random tokens (eight batches in turn) with `optimizer`."""
+    """One training step of the mini LLaMA in bf16 on random tokens (eight batches in turn) with `optimizer`, run
+    `WARMUP` times (compilation, graph capture) before it is returned."""
     import optimizers
     from tasks.llm_pretrain.model import build_llama, llama_config
     from tasks.llm_pretrain.task import CausalLMLoss
@@ -58,6 +59,9 @@ def make_step(mode: str, optimizer: str) -> Callable[[int], torch.Tensor]:
         opt.zero_grad(set_to_none=True)
         return loss.detach().clone()
 
+    for i in range(WARMUP):
+        step(i)
+    torch.cuda.synchronize()
     return step
 
 
@@ -77,9 +81,6 @@ def one(mode: str, optimizer: str, steps: int) -> dict[str, Any]:
 
     started = time.perf_counter()
     step = make_step(mode, optimizer)
-    for i in range(WARMUP):
-        step(i)
-    torch.cuda.synchronize()
     warmup_s = time.perf_counter() - started
     rate, loss = timed(step, steps)
     profiled = 10
@@ -99,9 +100,6 @@ def one(mode: str, optimizer: str, steps: int) -> dict[str, Any]:
 
 def worker(mode: str, optimizer: str, steps: int, barrier: str, processes: int, me: int) -> dict[str, Any]:
     step = make_step(mode, optimizer)
-    for i in range(WARMUP):
-        step(i)
-    torch.cuda.synchronize()
     open(os.path.join(barrier, f"ready{me}"), "w").close()
     while len(os.listdir(barrier)) < processes:
         time.sleep(0.05)

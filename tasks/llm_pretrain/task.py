@@ -131,6 +131,19 @@ class CausalLMLoss(nn.Module):
         return token_loss_sum(self.model, ids, targets)
 
 
+class GraphSteps(nn.Module):
+    """A loss compiled with CUDA graphs, each call a new graph step: the caller has read the last call's outputs
+    (a detached or converted copy), so the replay may reuse their buffers."""
+
+    def __init__(self, compiled: Any) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(ids, targets)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the data-parallel process group, (0, 1) outside one."""
     if dist.is_available() and dist.is_initialized():
@@ -152,10 +165,8 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any,
-             graphs: bool = False) -> tuple[float, float]:
-    """(exact loss, the papers' estimate) on the held-out batches (`loss_fn`: a CausalLMLoss, token-summed; `graphs`:
-    it replays CUDA graphs).
+def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, autocast: Any) -> tuple[float, float]:
+    """(exact loss, the papers' estimate) on the held-out batches (`loss_fn`: a CausalLMLoss, token-summed).
 
     The exact loss is the mean cross-entropy over all predicted (non-pad) tokens. The papers' estimate is what both
     authors' evaluation loops compute (SPAM torchrun_main.py:120-141, StableSPAM utils/eval.py:42-63): on each rank the
@@ -168,8 +179,6 @@ def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, aut
     for ids, labels in batches[rank::size]:
         targets = shifted_targets(labels)
         count = int((targets != -100).sum())
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         with autocast():
             batch_loss = loss_fn(ids.to(device), targets.to(device)).double()
         total[0] += batch_loss
@@ -256,11 +265,13 @@ class Trainer:
         self.no_sync = getattr(loss_fn, "no_sync", contextlib.nullcontext)
         if cfg.compile:
             torch.compiler.reset()  # a fresh trial: drop graphs of earlier trials in this process
-        # A small model's compiled step is host-bound: CUDA graphs replay its ~300 kernels in one launch
-        # (results/perf/README.md, mini step probe). Elsewhere 'cudagraphs' compiles as True does.
-        self.graphs = cfg.compile == "cudagraphs" and self.device.type == "cuda"
-        mode = "reduce-overhead" if self.graphs else None
-        self.loss_fn: nn.Module = torch.compile(loss_fn, mode=mode) if cfg.compile else loss_fn
+        self.loss_fn: nn.Module = loss_fn
+        if cfg.compile == "cudagraphs" and self.device.type == "cuda":
+            # A small model's compiled step is host-bound: CUDA graphs replay its ~300 kernels in one launch
+            # (results/perf/README.md, mini step probe). Elsewhere 'cudagraphs' compiles as True does.
+            self.loss_fn = GraphSteps(torch.compile(loss_fn, mode="reduce-overhead"))
+        elif cfg.compile:
+            self.loss_fn = torch.compile(loss_fn)
         self.autocast = self._autocast()
 
         self.request = trial_optimizer(optimizer, hparams, cfg, ctx.seed, weight_decay=cfg.weight_decay,
@@ -321,7 +332,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
         batches, n_tokens = self.validation()
-        val_loss, paper_loss = evaluate(self.loss_fn, batches, self.device, self.autocast, self.graphs)
+        val_loss, paper_loss = evaluate(self.loss_fn, batches, self.device, self.autocast)
         self.seconds["eval"] += time.perf_counter() - started
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": n_tokens,
                    PAPER_ESTIMATE: math.exp(min(paper_loss, 700.0))}
@@ -455,8 +466,6 @@ class Trainer:
         mine = slice(self.rank * share, (self.rank + 1) * share)
         step_loss = torch.zeros((), device=self.device)
         for i, ((ids, _), tgt) in enumerate(zip(batches[mine], targets[mine], strict=True)):
-            if self.graphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs were read: reuse them
             with self.autocast():
                 loss = self.loss_fn(ids.to(self.device, non_blocking=True),
                                     tgt.to(self.device, non_blocking=True)) / n_pred
