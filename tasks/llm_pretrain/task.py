@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -138,10 +140,28 @@ class GraphSteps(nn.Module):
     def __init__(self, compiled: Any) -> None:
         super().__init__()
         self.compiled = compiled
+        cudagraph_state_in_this_thread()
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         torch.compiler.cudagraph_mark_step_begin()
         return self.compiled(ids, targets)
+
+
+def cudagraph_state_in_this_thread() -> None:
+    """Give the calling thread the per-thread state of torch's CUDA-graph trees, if it has none.
+
+    torch before 2.12 creates that state only in the thread that imports `torch._inductor.cudagraph_trees` and asserts
+    in any other (pytorch/pytorch#123177, fixed by #184357, which creates it lazily as below). A reused Ray worker
+    runs each trial in a new thread, so every trial after a worker's first failed at its first step."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if hasattr(local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
 def world() -> tuple[int, int]:

@@ -84,3 +84,24 @@ def test_cudagraphs_takes_a_single_micro_batch_step() -> None:
     cfg = LLMPretrainTask().config("mini")
     assert cfg.compile == "cudagraphs" and cfg.accumulation == 1 and cfg.workers == 1
     assert LLMPretrainTask().config("smoke", {"compile": "cudagraphs", "micro_batch_size": 8}).compile == "cudagraphs"
+
+
+def test_a_new_thread_gets_cuda_graph_tree_state() -> None:
+    """Ray runs a reused worker's next trial in a new thread: the CUDA-graph trees must find their state there."""
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    from tasks.llm_pretrain.task import cudagraph_state_in_this_thread
+
+    found: list[object] = []
+
+    def trial() -> None:
+        cudagraph_state_in_this_thread()
+        found.append(cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_containers"))
+        found.append(cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_locks")[0])
+
+    thread = threading.Thread(target=trial)
+    thread.start()
+    thread.join()
+    assert len(found) == 2 and found[0] == {}
