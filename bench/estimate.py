@@ -14,13 +14,14 @@ ASSUMED_MFU = 0.40
 THROUGHPUT = PEAK_FLOPS * ASSUMED_MFU
 
 # Measured: training tokens per second of one H200 running `mini` LLaMA pre-training trials side by side (whole
-# trials: start-up, data preparation, compilation and evaluation included). Source: results/mini/README.md: twenty
-# compiled mini trials at 0.05 GPU each finished 63 trials of 8.2M tokens (INT4, FP4, INT8, INT2/3 and BF16) in
-# 530 s, with 42 more started when the run was stopped (not counted, so this rate is a lower bound). Compiled, a lone
-# FP4 trial trains at 0.87x the speed of a BF16 one (results/perf/h200_mini_throughput.json) and start-up dominates a
-# trial, so one rate serves every format. Wall times of other GPU trials are scaled by their FLOPs per token.
-MEASURED_TOKENS_PER_SEC = 63 * 8_192_000 / 530
-MEASURED_ON = "one H200, twenty compiled mini LLaMA trials at a time, INT4/FP4/INT8/INT2-3/BF16"
+# trials: start-up, data preparation, compilation and evaluation included). Source: results/mini/README.md ("CUDA
+# graphs over whole trials"): twenty mini trials at 0.05 GPU each, compiled with CUDA graphs (the preset's
+# `compile: cudagraphs`), finished 79 trials of 8.2M tokens (34 BF16, 30 FP4, 15 INT4) in 526 s from launch, with
+# twenty more started when the run was stopped (not counted, so this rate is a lower bound). An earlier run compiled
+# without graphs (cc5b962) finished 63 trials in 530 s (0.97M tokens/s). Start-up, compilation and evaluation dominate
+# a trial, so one rate serves every format. Wall times of other GPU trials are scaled by their FLOPs per token.
+MEASURED_TOKENS_PER_SEC = 79 * 8_192_000 / 526
+MEASURED_ON = "one H200, twenty mini LLaMA trials at a time with CUDA graphs, BF16/FP4/INT4"
 
 
 @dataclass
