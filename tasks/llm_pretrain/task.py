@@ -150,9 +150,10 @@ class GraphSteps(nn.Module):
 def cudagraph_state_in_this_thread() -> None:
     """Give the calling thread the per-thread state of torch's CUDA-graph trees, if it has none.
 
-    torch before 2.12 creates that state only in the thread that imports `torch._inductor.cudagraph_trees` and asserts
-    in any other (pytorch/pytorch#123177, fixed by #184357, which creates it lazily as below). A reused Ray worker
-    runs each trial in a new thread, so every trial after a worker's first failed at its first step."""
+    torch without pytorch/pytorch#184357 (2.11, on the H200 here) creates that state only in the thread that imports
+    `torch._inductor.cudagraph_trees` and asserts in any other (#123177); the fix creates it lazily, as below. A
+    reused Ray worker runs each trial in a new thread, so every trial after a worker's first failed at its first
+    step."""
     from torch._inductor import cudagraph_trees
 
     local = cudagraph_trees.local
