@@ -2,7 +2,8 @@
 
 `tasks.finetune.task` holds `FinetuneTask` (importable without loading transformers models), `config` the schema
 and presets, `formats` the prompts of each set, `data` the local / hub / packaged sources, `model` the model
-loading and LoRA, `scoring` the log-likelihood scoring, and `training` the trial loop.
+loading and LoRA, `scoring` the log-likelihood scoring, `training` the trial loop, and `start_scores` the cache
+of the scores before fine-tuning.
 """
 
 from tasks.finetune.config import FinetuneConfig

@@ -91,7 +91,10 @@ class FinetuneConfig(TaskConfig):
 
     # evaluation, logging, checkpoints
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
-    eval_at_start: bool = Field(True, description="score the model before fine-tuning (step 0)")
+    eval_at_start: bool = Field(
+        True, description="score the model before fine-tuning (step 0; a pretrained model's scores are computed "
+        "once and shared by the trials: tasks.finetune.start_scores)"
+    )
     eval_batch_size: int = Field(16, ge=1, description="(prompt, answer) rows per scoring forward")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(None, ge=0, description="None: at every evaluation; 0: never")

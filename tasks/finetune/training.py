@@ -21,6 +21,9 @@ gradient again (a replay draws new dropout masks).
 Checkpoints hold the trainable weights (LoRA: the adapters only; full: every parameter), the optimizer and
 scheduler states, the step, the scores before fine-tuning and the torch RNG states; a resumed trial continues
 exactly where the interrupted one stopped (tested bit for bit on CPU).
+
+The scores before fine-tuning (step 0) of a pretrained model are computed once per model, data and evaluation
+settings and shared by the trials through a cache (`tasks.finetune.start_scores`; tag `start_scores`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -52,8 +56,10 @@ from tasks.finetune.config import FinetuneConfig
 from tasks.finetune.data import SetData, load_sets
 from tasks.finetune.model import LoadedModel, apply_lora, load_base
 from tasks.finetune.scoring import Encoded, collate, continuation_logprobs, encode_pairs, score_examples
+from tasks.finetune.start_scores import identity, start_scores
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Training's forward and backward leave out cuDNN attention, the default SDPA backend on H100/H200 for masked
 # attention: in torch 2.11 its backward returns NaN query gradients when the padded length is 64 mod 128 and a query
@@ -306,11 +312,11 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
     # seconds per phase (metrics ``time.*_s``, reported at the end): where a trial's wall time goes
     seconds = {"setup": time.perf_counter() - started, "train": 0.0, "eval": 0.0}
 
-    def evaluate() -> dict[str, float]:
+    def timed_eval(score: Callable[[], T]) -> T:
         t_eval = time.perf_counter()
-        scores = trial.evaluate()
+        out = score()
         seconds["eval"] += time.perf_counter() - t_eval
-        return scores
+        return out
 
     ctx.log_params(trial.params())
     ctx.set_tags(**trial.tags())
@@ -322,7 +328,10 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
         ctx.set_tags(resumed_from_step=str(trial.step))
         log.info("resumed fine-tuning at step %d of %d", trial.step, trial.total_steps)
     elif cfg.eval_at_start:
-        scores = evaluate()
+        # from the cache when another trial computed them; the time of waiting for one that is computing them (the
+        # cache's lock) counts as evaluation time
+        scores, origin = timed_eval(lambda: start_scores(identity(trial), trial.evaluate))
+        ctx.set_tags(start_scores=origin)
         ctx.report(step=0, **scores)
         before = {f"{k}_start": v for k, v in scores.items() if k in ("acc", "acc_sum")}
         log.info("before fine-tuning: acc %.4f", scores["acc"])
@@ -358,14 +367,14 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
             ctx.report(step=step, **metrics, examples_per_sec=speed)
             window_steps, window_seconds = 0, 0.0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == trial.total_steps:
-            final = evaluate()
+            final = timed_eval(trial.evaluate)
             ctx.report(step=step, **final)
             log.info("step %d/%d: loss %.4f, acc %.4f (%s)", step, trial.total_steps, metrics["loss"], final["acc"],
                      ", ".join(f"{s.name} {final[f'acc/{s.name}']:.3f}" for s in trial.sets))
         if (every_ckpt and step % every_ckpt == 0) or step == trial.total_steps:
             ctx.save_checkpoint({"step": step, "trial": trial.state_dict(), "before": before})
     if not final:  # resumed from the last step's checkpoint
-        final = evaluate()
+        final = timed_eval(trial.evaluate)
     ctx.report(step=trial.total_steps, **{f"time.{phase}_s": v for phase, v in seconds.items()})
     if cfg.save_model:
         out = ctx.artifact_dir / "model"
