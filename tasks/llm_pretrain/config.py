@@ -37,8 +37,7 @@ class LLMPretrainConfig(TaskConfig):
                                  "fp32; amp: fp32 weights with bf16 autocast on CUDA")
     compile: bool | Literal["cudagraphs"] = Field(
         False, description="torch.compile the model; 'cudagraphs': also replay each step's kernels as CUDA graphs "
-        "(torch.compile mode 'reduce-overhead'; on CUDA, one micro-batch per step and one worker; elsewhere as True), "
-        "evaluating eagerly")
+        "(torch.compile mode 'reduce-overhead'; on CUDA, one micro-batch per step and one worker; elsewhere as True)")
     quant: QuantFormat = Field("none", description="fake quantization of the 7 block projections")
     quant_group_size: int = Field(256, ge=4)
     quant_bits: int | None = Field(None, ge=2, le=8, description="bit width of the int formats, weights and "

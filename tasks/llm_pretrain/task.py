@@ -79,11 +79,6 @@ MINI_GPU_SHARE = 0.05
 MINI_CPU_SHARE = 0.5
 
 
-def shares(cfg: LLMPretrainConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) of one worker of a trial: paper sizes take a GPU, mini trials share one, tiny ones run on a CPU."""
-    return {"tiny": (1.0, 0.0), "mini": (MINI_CPU_SHARE, MINI_GPU_SHARE)}.get(cfg.model_size, (4.0, 1.0))
-
-
 def passes(cfg: LLMPretrainConfig, packing: bool, size: CorpusSize, steps: int) -> float:
     """Passes over the corpus after `steps`: its tokens when packing, else its documents (one per sequence, the rest
     of a long document is dropped)."""
@@ -229,9 +224,9 @@ class LLMPretrainTask(Task):
     mode = "min"
 
     def resources(self, cfg: TaskConfig) -> Resources:
-        """A worker per data-parallel rank, each with its `shares`."""
+        """Paper sizes take a GPU per worker; mini trials share one, MINI_GPU_SHARE each."""
         assert isinstance(cfg, LLMPretrainConfig)
-        cpus, gpus = shares(cfg)
+        cpus, gpus = {"tiny": (1, 0.0), "mini": (MINI_CPU_SHARE, MINI_GPU_SHARE)}.get(cfg.model_size, (4, 1.0))
         return Resources(cpus=cpus, gpus=gpus, workers=cfg.workers)
 
     def estimate_flops(self, cfg: TaskConfig) -> float:
@@ -292,24 +287,12 @@ class Trainer:
         if cfg.compile:
             torch.compiler.reset()  # a fresh trial: drop graphs of earlier trials in this process
         self.loss_fn: nn.Module = loss_fn
-        self.eval_loss_fn: nn.Module = loss_fn
-        if cfg.compile and self.device.type == "cuda":
-            # Kernels compile in the trial's process on its own CPU share: a pool of compile workers per process
-            # (one per core by default) costs twenty mini trials starting together more than it saves.
-            import torch._inductor.config as inductor_config
-
-            inductor_config.compile_threads = max(1, int(shares(cfg)[0]))
         if cfg.compile == "cudagraphs" and self.device.type == "cuda":
             # A small model's compiled step is host-bound: CUDA graphs replay its ~300 kernels in one launch
             # (results/perf/README.md, mini step probe). Elsewhere 'cudagraphs' compiles as True does.
             self.loss_fn = GraphSteps(torch.compile(loss_fn, mode="reduce-overhead"))
         elif cfg.compile:
             self.loss_fn = torch.compile(loss_fn)
-        if cfg.compile is True:
-            # 'cudagraphs' (small models) evaluates eagerly: compiling and recording a second, inference graph took
-            # an FP4 mini trial 53 s, longer than all its evaluations (results/mini/README.md, "Throughput and the
-            # 25-minute goal")
-            self.eval_loss_fn = self.loss_fn
         self.autocast = self._autocast()
 
         self.request = trial_optimizer(optimizer, hparams, cfg, ctx.seed, weight_decay=cfg.weight_decay,
@@ -370,7 +353,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
         batches, n_tokens = self.validation()
-        val_loss, paper_loss = evaluate(self.eval_loss_fn, batches, self.device, self.autocast)
+        val_loss, paper_loss = evaluate(self.loss_fn, batches, self.device, self.autocast)
         self.seconds["eval"] += time.perf_counter() - started
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": n_tokens,
                    PAPER_ESTIMATE: math.exp(min(paper_loss, 700.0))}

@@ -166,17 +166,3 @@ def test_spike_monitor_metrics_are_reported(run_task: Callable) -> None:
     run = run_task({"steps": 10, "spike_monitor": True, "eval_every": 10, "checkpoint_every": 0})
     logged = {k for _, k, _ in run.ctx.metrics}
     assert {"spikes/total", "max_gss/total", "spikes/attention", "spikes/mlp"} <= logged
-
-
-@pytest.mark.parametrize(("compile_mode", "eval_compiled"), [(True, True), ("cudagraphs", False)])
-def test_cudagraphs_trials_evaluate_eagerly(tmp_path: Path, compile_mode: bool | str, eval_compiled: bool) -> None:
-    """A 'cudagraphs' trial trains compiled and evaluates its uncompiled loss; a `compile: true` trial uses its
-    compiled loss for both."""
-    from tasks.llm_pretrain import LLMPretrainTask
-    from tasks.llm_pretrain.task import CausalLMLoss, Trainer
-
-    cfg = LLMPretrainTask().config("smoke", {"compile": compile_mode, "micro_batch_size": 8})
-    trainer = Trainer(cfg, "adamw", {}, LocalContext(seed=0, device="cpu", workdir=tmp_path))
-    assert isinstance(trainer.eval_loss_fn, CausalLMLoss) is not eval_compiled
-    assert trainer.eval_loss_fn.model is trainer.model  # evaluates the weights being trained
-    assert (trainer.eval_loss_fn is trainer.loss_fn) is eval_compiled
