@@ -1,6 +1,7 @@
 """Dry-run cost estimates: GPU-hours of a trial matrix from each task's FLOP count and a stated throughput, and the
-wall time of its GPU trials packed on the GPUs: each trial holds its GPU share for the seconds its task measured
-(`Task.estimate_seconds`), or else for its FLOPs at the measured mini-LLaMA rate."""
+wall time of its GPU trials packed on the GPUs: a fresh machine's start, counted once, then each trial holds its GPU
+share for the seconds its task measured (`Task.estimate_seconds`), or else for its FLOPs at the measured mini-LLaMA
+rate."""
 
 from __future__ import annotations
 
