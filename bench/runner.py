@@ -256,8 +256,9 @@ def _init_ray(opts: RunOptions) -> None:
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or its own types
         raise ClusterError(f"could not connect to Ray at {opts.address or 'a new local instance'}: "
                            f"{_connect_hint(exc)}") from None
-    context = ray.get_runtime_context()
-    log.info("Ray's logs: %s", Path(context.get_temp_dir()) / context.get_session_name() / "logs")
+    from bench.retries import ray_logs_dir
+
+    log.info("Ray's logs: %s", ray_logs_dir())
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and tracking.is_local_uri(opts.tracking_uri):
         ray.shutdown()

@@ -92,7 +92,9 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
         proc.wait(600)
     assert proc.returncode == 0, log.read_text()[-3000:]
     text = log.read_text()
-    assert "trial llm_pretrain/smoke adamw(lr=0.003) seed=0: worker died, retrying from step " in text, text[-3000:]
+    pid = int(text.split("worker died (pid ")[1].split(";")[0])  # a kill from outside leaves no fatal error
+    assert (f"trial llm_pretrain/smoke adamw(lr=0.003) seed=0: worker died (pid {pid}; no fatal error in its Ray "
+            f"log), retrying from step ") in " ".join(text.split()), text[-3000:]
     assert "ActorDiedError" not in text and "Traceback" not in text
     run = next(r for r in runs_of(b.uri, "bench-long") if r.data.tags.get("bench.role") == "trial")
     assert run.data.tags["bench.status"] == "finished"
@@ -100,6 +102,30 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     assert run.data.metrics["final.val_perplexity"] == pytest.approx(reference, rel=1e-4)
     steps = [m.step for m in MlflowClient(b.uri).get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(5, 101, 5))  # every point once: none lost, none written twice
+
+
+def test_a_crashed_worker_leaves_its_fatal_error_with_the_trial(tmp_path):
+    """A worker that dies of a fatal signal (here SIGSEGV) dumps its Python stacks into its Ray log: the retry line
+    names the error and the trial's run keeps the end of that log."""
+    b = Bench(tmp_path)
+    suite = write_suite(b, "[0]")
+    folder = trial_folder(b, suite, 0)
+    log = b.root / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--suite", suite], cwd=b.root, env=b.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: checkpointed(folder), 300, "first checkpoint")
+        pid = int((folder / "worker.pid").read_text())
+        os.kill(pid, signal.SIGSEGV)
+        proc.wait(600)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    text = " ".join(log.read_text().split())
+    assert f"seed=0: worker died (Segmentation fault; pid {pid}), retrying from step " in text, text[-3000:]
+    run = next(r for r in runs_of(b.uri, "bench-long") if r.data.tags.get("bench.role") == "trial")
+    assert run.data.tags["bench.status"] == "finished"
+    kept = Path(MlflowClient(b.uri).download_artifacts(run.info.run_id, f"worker_death_{pid}.txt", str(tmp_path)))
+    dump = kept.read_text()
+    assert "Fatal Python error: Segmentation fault" in dump and 'File "' in dump, dump  # the stacks, with files
 
 
 def test_killed_driver_resumes_without_duplicates(tmp_path):
