@@ -93,7 +93,10 @@ def wall_minutes(trials: list[Trial], gpus: int = 1) -> dict[str, float]:
 
 def wall_total_minutes(trials: list[Trial], gpus: int = 1) -> float:
     """Minutes from launch to the last GPU trial's end on a fresh machine: the start, then every table's GPU time."""
-    parts = wall_minutes(trials, gpus)
+    return _with_start(wall_minutes(trials, gpus))
+
+
+def _with_start(parts: dict[str, float]) -> float:
     return COLD_START_S / 60 + sum(parts.values()) if parts else 0.0
 
 
@@ -102,6 +105,6 @@ def describe_wall_time(trials: list[Trial], gpus: int = 1) -> str:
     if not parts:
         return "no GPU trials"
     each = ", ".join(f"{table} {m:.1f} min" for table, m in parts.items())
-    return (f"estimated wall time of the GPU trials on {gpus} GPU: {wall_total_minutes(trials, gpus):.0f} min "
+    return (f"estimated wall time of the GPU trials on {gpus} GPU: {_with_start(parts):.0f} min "
             f"({COLD_START_S / 60:.1f} min starting on a fresh machine, then {each}) at "
             f"{MEASURED_TOKENS_PER_SEC / 1e6:.2g}M mini-LLaMA tokens/s per GPU (measured: {MEASURED_ON})")

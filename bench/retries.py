@@ -63,7 +63,6 @@ class Retries(Callback):
         ERRORS.last.pop(str(trial), None)  # its error is reported with the run's outcome
 
 
-
 TAIL_LINES = 60  # of a dead worker's log, kept with its trial
 FATAL = re.compile(r"^Fatal Python error: (.+)$", re.MULTILINE)
 
@@ -77,14 +76,15 @@ def ray_logs_dir() -> Path:
 
 
 def _death_cause(t: dict[str, Any]) -> str:
-    """" (<fatal error>)" from the end of the dead worker's Ray log, kept in the trial's run; "" when the log names
-    none (a process killed from outside, e.g. by the OOM killer, writes nothing) or cannot be found."""
+    """" (<fatal error>; pid N)" from the end of the dead worker's Ray log, which is kept in the trial's run;
+    " (pid N; no fatal error in its Ray log)" when it names none (a process killed from outside, e.g. by the OOM
+    killer, writes nothing); "" when the log cannot be found (a worker on another node of a cluster)."""
     from bench import tracking
 
     try:
         pid = int((Path(t["trial_dir"]) / "worker.pid").read_text())
         logs = sorted(ray_logs_dir().glob(f"worker-*-{pid}.err"))
-        if not logs:  # a worker on another node of a cluster
+        if not logs:
             return ""
         tail = "\n".join(logs[-1].read_text(errors="replace").splitlines()[-TAIL_LINES:])
     except (OSError, ValueError):

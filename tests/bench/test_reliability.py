@@ -71,6 +71,23 @@ def checkpointed(folder: TrialFolder) -> bool:
     return (folder / "checkpoint.pt").exists() and (folder / "worker.pid").exists()
 
 
+def run_and_signal_worker(b: Bench, sig: signal.Signals) -> tuple[int, str]:
+    """`bench run` of one long trial whose worker gets `sig` after its first checkpoint: (the worker's pid, the run's
+    output). The run must end with exit code 0."""
+    suite = write_suite(b, "[0]")
+    folder = trial_folder(b, suite, 0)
+    log = b.root / "run.log"  # a file, not a pipe: Ray's helper processes may outlive the driver holding its fds
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--suite", suite], cwd=b.root, env=b.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: checkpointed(folder), 300, "first checkpoint")
+        pid = int((folder / "worker.pid").read_text())
+        os.kill(pid, sig)
+        proc.wait(600)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return pid, log.read_text()
+
+
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     clean = Bench(tmp_path / "clean")
     clean.root.mkdir()
@@ -81,18 +98,8 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
 
     b = Bench(tmp_path / "killed")
     b.root.mkdir()
-    suite = write_suite(b, "[0]")
-    folder = trial_folder(b, suite, 0)
-    log = b.root / "run.log"  # a file, not a pipe: Ray's helper processes may outlive the driver holding its fds
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--suite", suite], cwd=b.root, env=b.env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: checkpointed(folder), 300, "first checkpoint")
-        os.kill(int((folder / "worker.pid").read_text()), signal.SIGKILL)
-        proc.wait(600)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    text = log.read_text()
-    pid = int(text.split("worker died (pid ")[1].split(";")[0])  # a kill from outside leaves no fatal error
+    pid, text = run_and_signal_worker(b, signal.SIGKILL)
+    # a kill from outside leaves no fatal error in the worker's log
     assert (f"trial llm_pretrain/smoke adamw(lr=0.003) seed=0: worker died (pid {pid}; no fatal error in its Ray "
             f"log), retrying from step ") in " ".join(text.split()), text[-3000:]
     assert "ActorDiedError" not in text and "Traceback" not in text
@@ -108,18 +115,8 @@ def test_a_crashed_worker_leaves_its_fatal_error_with_the_trial(tmp_path):
     """A worker that dies of a fatal signal (here SIGSEGV) dumps its Python stacks into its Ray log: the retry line
     names the error and the trial's run keeps the end of that log."""
     b = Bench(tmp_path)
-    suite = write_suite(b, "[0]")
-    folder = trial_folder(b, suite, 0)
-    log = b.root / "run.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--suite", suite], cwd=b.root, env=b.env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: checkpointed(folder), 300, "first checkpoint")
-        pid = int((folder / "worker.pid").read_text())
-        os.kill(pid, signal.SIGSEGV)
-        proc.wait(600)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    text = " ".join(log.read_text().split())
+    pid, text = run_and_signal_worker(b, signal.SIGSEGV)
+    text = " ".join(text.split())
     assert f"seed=0: worker died (Segmentation fault; pid {pid}), retrying from step " in text, text[-3000:]
     run = next(r for r in runs_of(b.uri, "bench-long") if r.data.tags.get("bench.role") == "trial")
     assert run.data.tags["bench.status"] == "finished"
