@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from bench import tracking
+from bench import mps, tracking
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,6 +30,10 @@ AddressOpt = Annotated[str | None, typer.Option(
     "--address", help="Ray cluster address (e.g. 127.0.0.1:6379); default: a new local Ray instance")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="override for every trial: task.FIELD=V, hparams.NAME=V, seeds=N or [..], preset=P")]
+MpsMode = Enum("MpsMode", {m: m for m in mps.MODES}, type=str)  # type: ignore[misc]  # the choices of bench.mps
+MpsOpt = Annotated[MpsMode, typer.Option(
+    "--mps", help="trials sharing a GPU run their kernels side by side through "
+    "an MPS server of this run (local runs on an NVIDIA GPU; auto: where it starts, else time-sliced)")]
 OutOpt = Annotated[Path, typer.Option("--out", help="folder for leaderboard tables and plots")]
 AddOpt = Annotated[list[str] | None, typer.Option(
     "--add-optimizer", help="add a row to every table: NAME[:k=v,...], NAME a registry name, an entry point of "
@@ -65,7 +69,7 @@ def _uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
 
 
-def _print_matrix(trials: list[Any]) -> None:
+def _print_matrix(trials: list[Any], mps_mode: mps.Mode) -> None:
     from bench.estimate import describe_throughput, describe_wall_time, estimate
 
     table = RichTable(title=f"{len(trials)} trial cells")
@@ -87,10 +91,10 @@ def _print_matrix(trials: list[Any]) -> None:
         line += f"; {len(cpu_bound)} trials are not FLOP-bound: {cpu:.1f} CPU-hours"
         line += f" ({unknown} of them state no estimate)" if unknown else ""
     console.print(line)
-    console.print(describe_wall_time(trials))
+    console.print(describe_wall_time(trials, mps_mode))
 
 
-def _print_remaining(trials: list[Any], uri: str, experiment: str) -> None:
+def _print_remaining(trials: list[Any], uri: str, experiment: str, mps_mode: mps.Mode) -> None:
     """What a run would still do: the trials the store already has done are skipped (read only; nothing written)."""
     from bench.estimate import describe_wall_time
 
@@ -102,11 +106,11 @@ def _print_remaining(trials: list[Any], uri: str, experiment: str) -> None:
     console.print(f"{len(distinct) - len(left_keys)} of {len(distinct)} distinct trials are already done in {uri} "
                   f"(experiment {experiment}); {len(left_keys)} left")
     if left:
-        console.print("left: " + describe_wall_time(left))
+        console.print("left: " + describe_wall_time(left, mps_mode))
 
 
 def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_concurrent: int,
-         out: Path, command: str) -> int:
+         out: Path, command: str, mps_mode: mps.Mode) -> int:
     import tasks
     from bench import leaderboard
     from bench.progress import TrialProgress
@@ -123,13 +127,14 @@ def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_
     for t in trials:  # a trial shown in several tables is named after the first
         trial_tags.setdefault(t.key, tracking.trial_tags(t.table, t.row, t.spec))
     opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"],
-                      trial_tags=trial_tags)
+                      mps=mps_mode, trial_tags=trial_tags)
     with TrialProgress(console, trials) as progress:
         summary = run_specs(specs, resources, experiment_name(suite_name), opts,
                             {"bench.suite": suite_name, "bench.command": command}, progress)
     metrics = list(dict.fromkeys(tasks.get_task(s.task).metric for s in specs))
     tracking.set_leaderboard_view(uri, summary.experiment_id, metrics, tasks.get_task(specs[0].task).mode == "min")
     parent = f", parent run {summary.parent_run_id}" if summary.parent_run_id else ""
+    parent += f"; MPS {summary.mps}" if summary.mps else ""
     say(Text.assemble((suite_name, "bold"), f": {len(summary.started)} trials run, {len(summary.skipped)} already "
                       f"done (tracking: {uri}{parent})"))
     text, files = leaderboard.write(trials, uri, experiment_name(suite_name), tracking.inside(out, suite_name),
@@ -173,6 +178,7 @@ def run(
     only: Annotated[str | None, typer.Option("--only", help="run part of the suite: tables or tasks, comma-separated")]
     = None,
     out: OutOpt = Path("results"),
+    mps_mode: MpsOpt = MpsMode(mps.DEFAULT_MODE),
 ) -> None:
     """Run every trial of a suite that is not finished yet, then print and save its leaderboard."""
     from bench.suite import load_trials, parse_sets
@@ -180,10 +186,11 @@ def run(
     names = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
     s, trials = load_trials(suite, parse_sets(set_ or []), add_optimizer, names)
     if dry_run:
-        _print_matrix(trials)
-        _print_remaining(trials, _uri(tracking_uri), experiment_name(s.name))
+        _print_matrix(trials, mps_mode.value)
+        _print_remaining(trials, _uri(tracking_uri), experiment_name(s.name), mps_mode.value)
         return
-    raise typer.Exit(_run(s.name, trials, _uri(tracking_uri), address, max_concurrent, out, " ".join(sys.argv)))
+    raise typer.Exit(_run(s.name, trials, _uri(tracking_uri), address, max_concurrent, out, " ".join(sys.argv),
+                          mps_mode.value))
 
 
 DEFAULT_LRS = "1e-4,3e-4,1e-3"
@@ -215,6 +222,7 @@ def sweep(
     max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=0)] = 0,
     set_: SetOpt = None,
     out: OutOpt = Path("results"),
+    mps_mode: MpsOpt = MpsMode(mps.DEFAULT_MODE),
 ) -> None:
     """Learning-rate grid (seed 0), then the best lr of each optimizer re-run over N seeds."""
     from bench.suite import Experiment, Suite, apply_sets, expand, parse_sets
@@ -229,7 +237,7 @@ def sweep(
     grid_trials = expand(grid)
     _save_sweep(grid, out)
     uri = _uri(tracking_uri)
-    code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv))
+    code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv), mps_mode.value)
     if code == 130:
         raise typer.Exit(code)
     best = _best_lrs(grid_trials, uri, experiment_name(sweep_name))
@@ -241,7 +249,7 @@ def sweep(
                    hparams={"lr": lr_}, optimizers=[o], seeds=seeds) for o, lr_ in best.items()]), sets)
     trials = grid_trials + expand(final)
     _save_sweep(grid.model_copy(update={"experiments": grid.experiments + final.experiments}), out)
-    code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv)))
+    code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv), mps_mode.value))
     raise typer.Exit(code)
 
 

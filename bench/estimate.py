@@ -1,12 +1,14 @@
 """Dry-run cost estimates: GPU-hours of a trial matrix from each task's FLOP count and a stated throughput, and the
 wall time of its GPU trials packed on the GPUs: a fresh machine's start, counted once, then each trial holds its GPU
 share for the seconds its task measured (`Task.estimate_seconds`), or else for its FLOPs at the measured mini-LLaMA
-rate."""
+rate. Those were measured with the trials time-sliced on the GPU; through MPS (`bench.mps`, a local run's default on
+a GPU machine) each task's trials take its measured `Task.mps_speedup` times less once started."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.mps import DEFAULT_MODE, Mode, expects_mps
 from bench.suite import Trial, unique_specs
 
 # Stated throughput: an H100's dense bf16 peak (989 TFLOP/s) at 40% model-FLOPs utilization.
@@ -35,6 +37,7 @@ class Estimate:
     seconds: float  # the task's own wall-clock estimate, for tasks not bound by FLOPs
     gpus: float
     cpus: float
+    mps_speedup: float = 1.0  # the task's (`Task.mps_speedup`)
 
     @property
     def gpu_hours(self) -> float:
@@ -56,7 +59,7 @@ def estimate(trials: list[Trial]) -> list[Estimate]:
         cfg = task.Config(**spec.config)
         res = task.resources(cfg)
         out.append(Estimate(spec.key(), spec.label(), task.estimate_flops(cfg), task.estimate_seconds(cfg),
-                            res.gpus * res.workers, res.cpus))
+                            res.gpus * res.workers, res.cpus, task.mps_speedup))
     return out
 
 
@@ -74,9 +77,9 @@ def measured_flops_per_sec() -> float:
     return MEASURED_TOKENS_PER_SEC * per_token
 
 
-def wall_minutes(trials: list[Trial], gpus: int = 1) -> dict[str, float]:
+def wall_minutes(trials: list[Trial], gpus: int = 1, mps: bool = False) -> dict[str, float]:
     """Per table, minutes of wall time of its GPU trials packed on `gpus` GPUs at the measured throughput (a trial
-    that several tables share counts once, in the first)."""
+    that several tables share counts once, in the first), time-sliced or through MPS."""
     rate = measured_flops_per_sec() * gpus
     table_of: dict[str, str] = {}
     for t in trials:
@@ -87,24 +90,29 @@ def wall_minutes(trials: list[Trial], gpus: int = 1) -> dict[str, float]:
             table = table_of[spec.key()]
             # A task's own measured seconds hold its GPU share that long; otherwise its FLOPs at the measured rate.
             minutes = e.seconds * e.gpus / gpus / 60 if e.seconds else e.flops / rate / 60
-            out[table] = out.get(table, 0.0) + minutes
+            out[table] = out.get(table, 0.0) + minutes / (e.mps_speedup if mps else 1.0)
     return out
 
 
-def wall_total_minutes(trials: list[Trial], gpus: int = 1) -> float:
+def wall_total_minutes(trials: list[Trial], gpus: int = 1, mps: bool = False) -> float:
     """Minutes from launch to the last GPU trial's end on a fresh machine: the start, then every table's GPU time."""
-    return _with_start(wall_minutes(trials, gpus))
+    return _with_start(wall_minutes(trials, gpus, mps))
 
 
 def _with_start(parts: dict[str, float]) -> float:
     return COLD_START_S / 60 + sum(parts.values()) if parts else 0.0
 
 
-def describe_wall_time(trials: list[Trial], gpus: int = 1) -> str:
-    parts = wall_minutes(trials, gpus)
+def describe_wall_time(trials: list[Trial], mps_mode: Mode = DEFAULT_MODE, gpus: int = 1) -> str:
+    """The wall time of the GPU trials as a run with `--mps mps_mode` would share the GPU, and the other way."""
+    mps = expects_mps(mps_mode)
+    parts = wall_minutes(trials, gpus, mps)
     if not parts:
         return "no GPU trials"
     each = ", ".join(f"{table} {m:.1f} min" for table, m in parts.items())
-    return (f"estimated wall time of the GPU trials on {gpus} GPU: {_with_start(parts):.0f} min "
-            f"({COLD_START_S / 60:.1f} min starting on a fresh machine, then {each}) at "
-            f"{MEASURED_TOKENS_PER_SEC / 1e6:.2g}M mini-LLaMA tokens/s per GPU (measured: {MEASURED_ON})")
+    other = _with_start(wall_minutes(trials, gpus, not mps))
+    how = "through MPS" if mps else "time-sliced"
+    return (f"estimated wall time of the GPU trials on {gpus} GPU, {how} (--mps {mps_mode}): "
+            f"{_with_start(parts):.0f} min ({COLD_START_S / 60:.1f} min starting on a fresh machine, then {each}; "
+            f"{'time-sliced' if mps else 'through MPS'}: {other:.0f} min) at {MEASURED_TOKENS_PER_SEC / 1e6:.2g}M "
+            f"mini-LLaMA tokens/s per GPU time-sliced (measured: {MEASURED_ON})")

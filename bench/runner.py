@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import tracking
+from bench import mps, tracking
 from bench.context import CHECKPOINT_STEP, SET_ASIDE_TAG, HarnessContext, ReplicaContext
 from bench.spec import TrialSpec
 
 log = logging.getLogger(__name__)
 
+MPS_TAG = "bench.mps"  # on the parent run and every trial's run: whether the trials shared GPUs through MPS
 # What the Tune trial of a data-parallel trial holds while its Ray Train workers run (Tune refuses an empty request).
 DRIVER_CPUS = 0.01
 _last_trial_end: float = 0.0  # when this worker process last finished a trial (Ray may reuse it for the next)
@@ -47,6 +48,7 @@ class RunOptions:
     max_concurrent: int = 0  # 0: as many as resources allow
     max_failures: int = 2  # retries of a crashed trial (from its last checkpoint)
     debug: bool = False
+    mps: mps.Mode = mps.DEFAULT_MODE  # trials sharing a GPU through this run's MPS server (bench.mps)
     trial_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> name, table, label of its run
 
 
@@ -60,6 +62,7 @@ class RunSummary:
     resumed: dict[str, int] = field(default_factory=dict)  # key -> the step a resumed trial started from
     errors: dict[str, str] = field(default_factory=dict)  # key -> why a trial failed or was interrupted
     set_aside: dict[str, str] = field(default_factory=dict)  # key -> a file the trial could not use, and why
+    mps: str = ""  # how the trials shared their GPUs (`MpsState.describe`); "" when none ran
 
 
 def trial_dir(key: str, run_id: str) -> Path:
@@ -281,6 +284,8 @@ def run_specs(specs: list[TrialSpec], resources: dict[str, dict[str, float]], ex
     """Run every spec not finished yet under one new parent run. `resources[key]` = {"cpus": .., "gpus": ..}.
     One run at a time holds BENCH_HOME and the store (a second one gets StoreError naming the first)."""
     tracking.check_uri(opts.tracking_uri)  # a malformed or unwritable store fails before Ray starts
+    if opts.mps == "on" and (reason := mps.unavailable_reason(local=not opts.address)):
+        raise ClusterError(f"--mps on, but MPS cannot be used here: {reason}. Run with --mps auto or off.")
     if opts.address:  # a cluster that does not answer fails before anything is written
         _init_ray(opts)
     with tracking.run_lock(opts.tracking_uri, parent_tags.get("bench.command", experiment)):
@@ -293,24 +298,38 @@ def _run_locked(specs: list[TrialSpec], resources: dict[str, dict[str, float]], 
     uri = opts.tracking_uri
     done = {k for k, r in existing.items() if r.data.tags.get(tracking.STATUS_TAG) in tracking.DONE_STATUSES}
     todo = [s for s in specs if s.key() not in done]
-    if todo:
-        _init_ray(opts)
-        if not opts.address:  # a cluster may grow; a local instance has what it has
-            import ray
-
-            resources, notes = fit_to_cluster(todo, resources, ray.cluster_resources())
-            for note in notes:
-                log.warning(note)
     tracking.close_stale_parents(uri, exp_id)
     skipped = [s.key() for s in specs if s.key() in done]
+    summary = RunSummary(None, exp_id, skipped=skipped)
     if not todo:  # nothing to run, so no parent run: an empty one would only clutter the experiment
-        return RunSummary(None, exp_id, skipped=skipped)
-    parent = tracking.start_parent(uri, exp_id, parent_tags.get("bench.suite", experiment), parent_tags)
-    summary = RunSummary(parent, exp_id, skipped=skipped)
+        return summary
+    try:
+        with mps.for_run(opts.mps, local=not opts.address) as state:
+            summary.mps = state.describe()
+            tags = {**parent_tags, MPS_TAG: summary.mps}
+            return _run_todo(todo, existing, resources, experiment, exp_id, opts, tags, progress, summary)
+    except mps.MpsUnavailable as exc:
+        raise ClusterError(str(exc)) from None
+
+
+def _run_todo(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, dict[str, float]],
+              experiment: str, exp_id: str, opts: RunOptions, parent_tags: dict[str, str], progress: Any,
+              summary: RunSummary) -> RunSummary:
+    """Start Ray (through the run's MPS server when there is one), the parent run, and the trials under it."""
+    _init_ray(opts)
+    if not opts.address:  # a cluster may grow; a local instance has what it has
+        import ray
+
+        resources, notes = fit_to_cluster(todo, resources, ray.cluster_resources())
+        for note in notes:
+            log.warning(note)
+    uri = opts.tracking_uri
+    summary.parent_run_id = parent = tracking.start_parent(uri, exp_id, parent_tags.get("bench.suite", experiment),
+                                                           parent_tags)
     status = "FAILED"
     try:
         summary.started = [s.key() for s in todo]
-        _tune(todo, existing, resources, exp_id, parent, opts, progress, summary)
+        _tune(todo, existing, resources, exp_id, parent, opts, progress, summary, {MPS_TAG: parent_tags[MPS_TAG]})
         status = "KILLED" if "interrupted" in summary.statuses.values() else "FINISHED"
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) or tracking.is_disk_full(exc):
@@ -386,8 +405,9 @@ def _settle(trials: list[dict[str, Any]], errors: dict[str, str], interrupted: b
 
 
 def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, dict[str, float]], exp_id: str,
-          parent: str, opts: RunOptions, progress: Any, summary: RunSummary) -> None:
-    """Run the trials on Ray Tune; their outcomes (and the step each resumed trial starts from) go to `summary`."""
+          parent: str, opts: RunOptions, progress: Any, summary: RunSummary, run_tags: dict[str, str]) -> None:
+    """Run the trials on Ray Tune; their outcomes (and the step each resumed trial starts from) go to `summary`.
+    `run_tags` go on every trial's run, new or adopted."""
     from ray import tune
 
     from bench.retries import Retries
@@ -399,9 +419,9 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
         set_aside = ""
         if key in existing:
             run_id, set_aside = existing[key].info.run_id, existing[key].data.tags.get(SET_ASIDE_TAG, "")
-            tracking.adopt(uri, run_id, parent)
+            tracking.adopt(uri, run_id, parent, run_tags)
         else:
-            tags = tracking.environment_tags() | opts.trial_tags.get(key, {})
+            tags = tracking.environment_tags() | opts.trial_tags.get(key, {}) | run_tags
             run_id = tracking.create_trial_run(uri, exp_id, parent, spec, tags)
         d = trial_dir(key, run_id)
         tracking.private_dir(d)

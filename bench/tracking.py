@@ -550,6 +550,7 @@ def run_lock(uri: str, command: str) -> Iterator[None]:
             os.close(fd)
 
 
-def adopt(uri: str, run_id: str, parent_id: str) -> None:
-    """Attach an existing unfinished trial run to the current parent run."""
-    retry(lambda: client(uri).set_tag(run_id, PARENT_TAG, parent_id))
+def adopt(uri: str, run_id: str, parent_id: str, tags: dict[str, str] | None = None) -> None:
+    """Attach an existing unfinished trial run to the current parent run, with the run's `tags`."""
+    for name, value in {PARENT_TAG: parent_id, **(tags or {})}.items():
+        retry(lambda name=name, value=value: client(uri).set_tag(run_id, name, value))

@@ -314,6 +314,9 @@ class Task(ABC):
     # Command-line benchmarks the task offers (`bench perf NAME ARGS...`): name -> "module:function", a function that
     # takes the arguments after the name.
     benchmarks: ClassVar[dict[str, str]] = {}
+    # How many times faster the GPU-bound part of its trials runs when the trials sharing a GPU do so through MPS
+    # instead of time-sliced, as measured for the task (`bench.mps`); 1.0 where not measured.
+    mps_speedup: ClassVar[float] = 1.0
 
     def summarise(self, values: Sequence[float]) -> Summary | None:
         """The summary of one cell's final `metric` values (None without values)."""

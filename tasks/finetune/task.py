@@ -22,6 +22,14 @@ SMALL_MODEL_PARAMS = 1e9  # below this a trial asks for a quarter of a GPU
 # with LoRA and 283 s fully fine-tuned (medians of nine each; 34.7 and 54.5 training examples/s), the eighteen 811 s
 # (results/mini/README.md, fine-tuning section). Per method: (preset, seconds of a trial, GPU share it held).
 MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 504.0, 0.111), "full": ("mini-full", 283.0, 0.111)}
+# Through MPS (`bench.mps`), nine `mini` trials' own training steps and scoring on one H200 (python -m
+# tasks.finetune.step_probe many; results/perf/h200_finetune_mps.json): training 510 examples/s against 303
+# time-sliced (six processes; the stored trials' nine reached 312), scoring 3276 rows/s against 2035: 1.63 and 1.61
+# times. A trial's set-up (about 45 s of loading, on the CPU) does not gain, so a whole LoRA trial of the 504 s above
+# would take 45 + 459 / 1.62 = 328 s (1.54 times faster), a full one 45 + 238 / 1.62 = 192 s (1.47 times): 1.5 is used
+# for both. Checked over whole trials: the nine LoRA trials of the lr sweep took 334 s each through MPS against 504 s
+# (results/mini/mps_check.json).
+MPS_SPEEDUP = 1.5
 
 
 class FinetuneTask(Task):
@@ -32,6 +40,7 @@ class FinetuneTask(Task):
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
     metric: ClassVar[str] = "acc"
     mode: ClassVar[Literal["min", "max"]] = "max"
+    mps_speedup: ClassVar[float] = MPS_SPEEDUP
 
     def resources(self, cfg: TaskConfig) -> Resources:
         assert isinstance(cfg, FinetuneConfig)

@@ -222,6 +222,9 @@ class LLMPretrainTask(Task):
     statistics = {"layer_spikes": LAYER_CSV}
     benchmarks = {"train": "tasks.llm_pretrain.throughput:main"}  # tokens/s and MFU of training steps
     mode = "min"
+    # Ten processes of mini CUDA-graph training steps on one H200: 3.07M tokens/s time-sliced, 3.49M through MPS
+    # (python -m tasks.llm_pretrain.step_probe many; results/perf/h200_mini_mps.json).
+    mps_speedup = 3.49 / 3.07
 
     def resources(self, cfg: TaskConfig) -> Resources:
         """Paper sizes take a GPU per worker; mini trials share one, MINI_GPU_SHARE each."""

@@ -86,6 +86,7 @@ CASES = {
                                    + "    analysis: memory\n", "give `analysis` different values (memory, spikes)"),
     "reference that is no row": (["run", "--suite", "{f}"], GOOD + "    reference: sgd\n",
                                  "reference 'sgd' is not a row of table 'llm_pretrain'; rows: adamw"),
+    "unknown --mps mode": (["run", "--suite", "smoke", "--mps", "maybe"], None, "maybe"),
     "zero seeds in sweep": (["sweep", "--task", "llm_pretrain", "--optimizer", "adamw", "--seeds", "0"], None,
                             "--seeds"),
 }

@@ -67,6 +67,9 @@ def test_smoke_suite_end_to_end(smoke):
         assert len(loss) >= 3 and loss[-1].value < loss[0].value
     parent = c.get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
+    # how the trials shared the GPU is recorded on the parent and every trial (CPU trials here: no MPS, and why)
+    assert parent.data.tags["bench.mps"].startswith("off (") and {r.data.tags["bench.mps"] for r in runs} == {
+        parent.data.tags["bench.mps"]}
     assert any(a.path == "leaderboard" for a in c.list_artifacts(parent.info.run_id))
     board = (b.root / "results" / "smoke" / "llm_pretrain_bf16.md").read_text()
     for row in ("adam", "spam", "stable_spam"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.estimate import COLD_START_S, wall_minutes, wall_total_minutes
 from bench.suite import load_trials
 
@@ -52,3 +54,33 @@ def test_fine_tuning_gpu_time_does_not_depend_on_the_packing() -> None:
     for sets in ({}, parse_sets(["task.gpu_fraction=0.125"]), parse_sets(["task.gpu_fraction=0.5"])):
         _, trials = load_trials("mini", sets, only={"finetune_commonsense"})
         assert abs(wall_minutes(trials)["finetune_commonsense"] - expected) < 0.01 * expected
+
+
+# results/mini/mps_check.json: the nine LoRA trials of the fine-tuning table's lr sweep, alone on a fresh H200 through
+# MPS (nine at a time): 395 s from the launch of `bench run` to its end; each trial 334.4 s (median of time.task_s)
+# against 504 s for the same nine trials time-sliced.
+MPS_CHECK_SUITE = str(Path(__file__).parents[2] / "results" / "mini" / "mps_check.yaml")
+MPS_CHECK_S = 395.0
+MPS_CHECK_TRIAL_S = 334.4
+
+
+def test_through_mps_each_task_takes_its_measured_speedup_less() -> None:
+    import tasks
+
+    _, trials = load_trials("mini", only={"finetune_commonsense", "llm_pretrain_bf16"})
+    sliced, shared = wall_minutes(trials), wall_minutes(trials, mps=True)
+    for table, task in (("finetune_commonsense", "finetune"), ("llm_pretrain_bf16", "llm_pretrain")):
+        speedup = tasks.get_task(task).mps_speedup
+        assert speedup > 1.0
+        assert abs(shared[table] - sliced[table] / speedup) < 1e-9
+
+
+def test_fine_tuning_through_mps_within_20_percent_of_the_measured_run() -> None:
+    import tasks
+
+    _, trials = load_trials(MPS_CHECK_SUITE)
+    assert len({t.key for t in trials}) == 9
+    assert abs(wall_total_minutes(trials, mps=True) * 60 - MPS_CHECK_S) <= 0.2 * MPS_CHECK_S
+    task = tasks.get_task("finetune")
+    trial_s = task.estimate_seconds(task.config("mini")) / task.mps_speedup
+    assert abs(trial_s - MPS_CHECK_TRIAL_S) <= 0.05 * MPS_CHECK_TRIAL_S
