@@ -68,6 +68,9 @@ def unavailable_reason(local: bool) -> str:
     """Why MPS cannot be used for this run ("" when it can be tried)."""
     if not local:
         return "a Ray cluster (--address): its nodes decide"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return "Ray was started in this process before the run: its workers cannot be pointed at an MPS server"
     if os.environ.get(ENV[0]):
         return f"{ENV[0]} is set already: the processes of this run use that MPS server"
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):

@@ -8,6 +8,7 @@ used, before anything is written.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,19 @@ def test_mps_on_is_refused_before_anything_is_written(tmp_path, monkeypatch, cap
 
 def test_the_dry_run_estimates_what_the_mode_would_do() -> None:
     assert mps.expects_mps("auto") and mps.expects_mps("on") and not mps.expects_mps("off")
+
+
+def test_a_ray_started_before_the_run_is_left_as_it_is() -> None:
+    import shutil
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp)
+    try:
+        with mps.for_run("auto", local=True) as state:
+            assert not state.on and "Ray was started in this process" in state.reason
+        assert ray.is_initialized()  # the run did not shut down a Ray it did not start
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
