@@ -451,7 +451,7 @@ def main() -> None:
             raise
         err.print(f"error: {exc.strerror}; unfinished trials are marked interrupted", highlight=False, markup=False)
         sys.exit(1)
-    except (SuiteError, UserError, ClusterError, tracking.StoreError, ConnectionError, KeyError,
+    except (SuiteError, UserError, ClusterError, mps.MpsUnavailable, tracking.StoreError, ConnectionError, KeyError,
             ValidationError) as exc:
         if STATE["debug"]:
             raise

@@ -77,21 +77,27 @@ def measured_flops_per_sec() -> float:
     return MEASURED_TOKENS_PER_SEC * per_token
 
 
-def wall_minutes(trials: list[Trial], gpus: int = 1, mps: bool = False) -> dict[str, float]:
+def _minutes_both_ways(trials: list[Trial], gpus: int) -> dict[str, tuple[float, float]]:
     """Per table, minutes of wall time of its GPU trials packed on `gpus` GPUs at the measured throughput (a trial
-    that several tables share counts once, in the first), time-sliced or through MPS."""
+    that several tables share counts once, in the first): (time-sliced, through MPS)."""
     rate = measured_flops_per_sec() * gpus
     table_of: dict[str, str] = {}
     for t in trials:
         table_of.setdefault(t.key, t.table)
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, float]] = {}
     for spec, e in zip(unique_specs(trials), estimate(trials), strict=True):
         if e.gpus and (e.seconds or e.flops):
             table = table_of[spec.key()]
             # A task's own measured seconds hold its GPU share that long; otherwise its FLOPs at the measured rate.
             minutes = e.seconds * e.gpus / gpus / 60 if e.seconds else e.flops / rate / 60
-            out[table] = out.get(table, 0.0) + minutes / (e.mps_speedup if mps else 1.0)
+            sliced, shared = out.get(table, (0.0, 0.0))
+            out[table] = (sliced + minutes, shared + minutes / e.mps_speedup)
     return out
+
+
+def wall_minutes(trials: list[Trial], gpus: int = 1, mps: bool = False) -> dict[str, float]:
+    """Per table, minutes of wall time of its GPU trials on `gpus` GPUs, time-sliced or through MPS."""
+    return {table: both[mps] for table, both in _minutes_both_ways(trials, gpus).items()}
 
 
 def wall_total_minutes(trials: list[Trial], gpus: int = 1, mps: bool = False) -> float:
@@ -106,11 +112,12 @@ def _with_start(parts: dict[str, float]) -> float:
 def describe_wall_time(trials: list[Trial], mps_mode: Mode = DEFAULT_MODE, gpus: int = 1) -> str:
     """The wall time of the GPU trials as a run with `--mps mps_mode` would share the GPU, and the other way."""
     mps = expects_mps(mps_mode)
-    parts = wall_minutes(trials, gpus, mps)
-    if not parts:
+    both = _minutes_both_ways(trials, gpus)
+    if not both:
         return "no GPU trials"
+    parts = {table: minutes[mps] for table, minutes in both.items()}
+    other = _with_start({table: minutes[not mps] for table, minutes in both.items()})
     each = ", ".join(f"{table} {m:.1f} min" for table, m in parts.items())
-    other = _with_start(wall_minutes(trials, gpus, not mps))
     how = "through MPS" if mps else "time-sliced"
     return (f"estimated wall time of the GPU trials on {gpus} GPU, {how} (--mps {mps_mode}): "
             f"{_with_start(parts):.0f} min ({COLD_START_S / 60:.1f} min starting on a fresh machine, then {each}; "

@@ -82,6 +82,16 @@ def unavailable_reason(local: bool) -> str:
     return ""
 
 
+def refuse_unavailable(mode: Mode, local: bool) -> None:
+    """Raise `MpsUnavailable` when `--mps on` is asked for where MPS cannot even be tried (checks nothing else)."""
+    if mode == "on" and (reason := unavailable_reason(local)):
+        raise MpsUnavailable(_refusal(reason))
+
+
+def _refusal(reason: str) -> str:
+    return f"--mps on, but MPS cannot be used here: {reason}. Run with --mps auto or off."
+
+
 def _control(command: str | None, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     args = [CONTROL] + ([] if command is not None else ["-d"])
     return subprocess.run(args, input=command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
@@ -105,7 +115,7 @@ def for_run(mode: Mode, local: bool) -> Iterator[MpsState]:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         if mode == "on":
-            raise MpsUnavailable(f"--mps on, but MPS cannot be used here: {reason}. Run with --mps auto or off.")
+            raise MpsUnavailable(_refusal(reason))
         log.info("MPS off: %s; trials sharing a GPU are time-sliced", reason)
         yield MpsState(False, reason)
         return

@@ -284,8 +284,7 @@ def run_specs(specs: list[TrialSpec], resources: dict[str, dict[str, float]], ex
     """Run every spec not finished yet under one new parent run. `resources[key]` = {"cpus": .., "gpus": ..}.
     One run at a time holds BENCH_HOME and the store (a second one gets StoreError naming the first)."""
     tracking.check_uri(opts.tracking_uri)  # a malformed or unwritable store fails before Ray starts
-    if opts.mps == "on" and (reason := mps.unavailable_reason(local=not opts.address)):
-        raise ClusterError(f"--mps on, but MPS cannot be used here: {reason}. Run with --mps auto or off.")
+    mps.refuse_unavailable(opts.mps, local=not opts.address)  # `--mps on` where it cannot work: before anything
     if opts.address:  # a cluster that does not answer fails before anything is written
         _init_ray(opts)
     with tracking.run_lock(opts.tracking_uri, parent_tags.get("bench.command", experiment)):
@@ -303,13 +302,10 @@ def _run_locked(specs: list[TrialSpec], resources: dict[str, dict[str, float]], 
     summary = RunSummary(None, exp_id, skipped=skipped)
     if not todo:  # nothing to run, so no parent run: an empty one would only clutter the experiment
         return summary
-    try:
-        with mps.for_run(opts.mps, local=not opts.address) as state:
-            summary.mps = state.describe()
-            tags = {**parent_tags, MPS_TAG: summary.mps}
-            return _run_todo(todo, existing, resources, experiment, exp_id, opts, tags, progress, summary)
-    except mps.MpsUnavailable as exc:
-        raise ClusterError(str(exc)) from None
+    with mps.for_run(opts.mps, local=not opts.address) as state:
+        summary.mps = state.describe()
+        tags = {**parent_tags, MPS_TAG: summary.mps}
+        return _run_todo(todo, existing, resources, experiment, exp_id, opts, tags, progress, summary)
 
 
 def _run_todo(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, dict[str, float]],
@@ -329,7 +325,7 @@ def _run_todo(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[s
     status = "FAILED"
     try:
         summary.started = [s.key() for s in todo]
-        _tune(todo, existing, resources, exp_id, parent, opts, progress, summary, {MPS_TAG: parent_tags[MPS_TAG]})
+        _tune(todo, existing, resources, exp_id, parent, opts, progress, summary, {MPS_TAG: summary.mps})
         status = "KILLED" if "interrupted" in summary.statuses.values() else "FINISHED"
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) or tracking.is_disk_full(exc):
