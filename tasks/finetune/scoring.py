@@ -3,8 +3,10 @@
 A (context, continuation) pair is tokenized as lm-evaluation-harness does: the whole text and the context are
 encoded, and the continuation's tokens are those of the whole past the context's length. Sequences longer than
 `max_len` lose their first tokens (the start of the prompt; an answer longer than `max_len - 1` tokens keeps its
-end). Batches are left-padded so that every continuation ends at the last position, and the LM head runs only on
-the last `max continuation + 1` positions (`logits_to_keep`), not on whole prompts.
+end). Batches are left-padded so that every continuation ends at the last position. The LM head runs only on the
+hidden states that predict a continuation token, `HEAD_CHUNK` of them at a time, not on whole prompts nor on the
+padding of short answers beside long ones: the float32 logits over the vocabulary of a whole batch's last positions
+are what bounded the rows a scoring forward could take (9.75 GiB at 256 rows of the `mini` sets).
 
 Accuracy of an example: the chosen answer is the argmax over its choices of
 - `acc` (the headline): the summed log-likelihood of the continuation divided by its length in characters (the
@@ -57,7 +59,8 @@ def encode_pairs(tokenizer: object, pairs: Sequence[tuple[str, str]], max_len: i
 
 
 def collate(rows: Sequence[Encoded], pad_id: int | None, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Left-padded ids, attention mask, position ids, and the continuation mask over the last K positions."""
+    """Left-padded ids, attention mask, position ids, the continuation mask over the last K positions and, made on the
+    host, its (row, position) indices."""
     pad_id = 0 if pad_id is None else pad_id  # padded positions are masked out: any id does
     width = max(len(r.ids) for r in rows)
     k = max(r.n_cont for r in rows)
@@ -69,20 +72,32 @@ def collate(rows: Sequence[Encoded], pad_id: int | None, device: torch.device | 
         mask[i, width - len(r.ids) :] = 1
         cont_mask[i, k - r.n_cont :] = True
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "cont_mask": cont_mask}
+    cont_rows, cont_cols = cont_mask.nonzero(as_tuple=True)
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "cont_mask": cont_mask,
+             "cont_rows": cont_rows, "cont_cols": cont_cols}
     return {name: t.to(device) for name, t in batch.items()}
+
+
+# Hidden states that go through the LM head at once: 2048 x 49152 float32 logits of SmolLM2 are 0.4 GB.
+HEAD_CHUNK = 2048
 
 
 def continuation_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its continuation tokens (float32) and their count."""
     cont_mask = batch["cont_mask"]
+    rows, cols = batch["cont_rows"], batch["cont_cols"]
     k = cont_mask.shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=k + 1, use_cache=False)
-    logits = out.logits[:, -(k + 1) : -1, :].float()
-    targets = batch["input_ids"][:, -k:]
-    token_lp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    token_lp = token_lp.masked_fill(~cont_mask, 0.0)
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    # the hidden state of the position before each continuation token predicts it
+    predicting = hidden[:, -(k + 1) : -1][rows, cols]
+    targets = batch["input_ids"][:, -k:][rows, cols]
+    head = model.get_output_embeddings()
+    lp = torch.cat([
+        -F.cross_entropy(head(h).float(), t, reduction="none")
+        for h, t in zip(predicting.split(HEAD_CHUNK), targets.split(HEAD_CHUNK), strict=True)
+    ])
+    token_lp = torch.zeros(cont_mask.shape, dtype=lp.dtype, device=lp.device).index_put((rows, cols), lp)
     return token_lp.sum(-1), cont_mask.sum(-1)
 
 

@@ -193,18 +193,21 @@ def evaluate(loss_fn: nn.Module, batches: list[Batch], device: torch.device, aut
     authors' evaluation loops compute (SPAM torchrun_main.py:120-141, StableSPAM utils/eval.py:42-63): on each rank the
     sum of the per-batch mean losses of its n batches divided by n + 1 (their batch counter starts at 1), then the
     mean over the ranks; exp of it is biased low by the factor n / (n + 1) on the loss. In a process group each rank
-    evaluates its share of the batches and the sums are reduced."""
+    evaluates its share of the batches and the sums are reduced.
+
+    Nothing waits for the device before the end: batches already there (`Trainer.validation` keeps them on it) are
+    scored back to back, which matters where many trials share a GPU and every wait is a turn of its time slices."""
     rank, size = world()
     total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, predicted tokens, sum of batch means
     n_batches = 0
     for ids, labels in batches[rank::size]:
-        targets = shifted_targets(labels)
-        count = int((targets != -100).sum())
+        targets = shifted_targets(labels.to(device, non_blocking=True))
+        count = (targets != -100).sum().double()
         with autocast():
-            batch_loss = loss_fn(ids.to(device), targets.to(device)).double()
+            batch_loss = loss_fn(ids.to(device, non_blocking=True), targets).double()
         total[0] += batch_loss
         total[1] += count
-        total[2] += batch_loss / max(count, 1)
+        total[2] += batch_loss / count.clamp(min=1)
         n_batches += 1
     total[2] /= n_batches + 1
     loss_sum, count, paper_sum = all_sum(total).tolist()
@@ -348,9 +351,11 @@ class Trainer:
     def validation(self) -> tuple[list[Batch], int]:
         if self._val is None:
             cfg = self.cfg
-            self._val = validation_batches(self.corpus, self.tokenizer, cfg.seq_len,
-                                           cfg.eval_batch_size or cfg.micro_batch_size, self.corpus.packing,
-                                           cfg.eval_tokens)
+            batches, n_tokens = validation_batches(self.corpus, self.tokenizer, cfg.seq_len,
+                                                   cfg.eval_batch_size or cfg.micro_batch_size, self.corpus.packing,
+                                                   cfg.eval_tokens)
+            # kept on the device: each evaluation then scores them without a copy from the host
+            self._val = [(ids.to(self.device), labels.to(self.device)) for ids, labels in batches], n_tokens
         return self._val
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -35,6 +35,22 @@ def test_batched_scores_equal_single_rows(tokenizer: object) -> None:
             assert counts[i].item() == row.n_cont
 
 
+def test_the_lm_head_in_chunks_gives_the_same_scores(tokenizer: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring sends the predicting hidden states through the LM head a chunk at a time (memory); the chunk size does
+    not change a score."""
+    from tasks.finetune import scoring
+
+    model = tiny_llama(tokenizer, seed=0).eval()
+    pairs = [("Q: one?", " a fairly long answer of many tokens"), ("Q: two?", " b"), ("Q: three, longer?", " c d")]
+    batch = collate(encode_pairs(tokenizer, pairs, max_len=64), tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        whole, _ = continuation_logprobs(model, batch)
+        monkeypatch.setattr(scoring, "HEAD_CHUNK", 3)
+        assert int(batch["cont_mask"].sum()) > 3 * 2
+        chunked, _ = continuation_logprobs(model, batch)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
 def test_long_prompts_lose_their_start(tokenizer: object) -> None:
     (row,) = encode_pairs(tokenizer, [("word " * 200, " end")], max_len=16)
     assert len(row.ids) == 16 and row.n_cont >= 1

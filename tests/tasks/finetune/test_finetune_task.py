@@ -66,7 +66,8 @@ def test_training_attention_leaves_out_cudnn_and_evaluation_keeps_the_default(ma
     cfg = make_config("smoke-lora", eval_at_start=False)
     trial = FinetuneTrial.create(cfg, "adamw", {"lr": 5e-3}, seed=0)
     seen: list[tuple[str, bool]] = []
-    trial.model.register_forward_pre_hook(lambda *_: seen.append(("forward", torch.backends.cuda.cudnn_sdp_enabled())))
+    trial.model.get_decoder().register_forward_pre_hook(
+        lambda *_: seen.append(("forward", torch.backends.cuda.cudnn_sdp_enabled())))
     next(iter(trial.trainable().values())).register_hook(
         lambda g: seen.append(("backward", torch.backends.cuda.cudnn_sdp_enabled())))
     assert torch.backends.cuda.cudnn_sdp_enabled()
