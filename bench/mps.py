@@ -4,7 +4,8 @@ Without it, the processes of the trials that share a GPU are time-sliced: one co
 models run many small kernels, so most of each turn leaves the GPU's SMs idle. Through an MPS server the kernels of
 every trial run at once. Measured on one H200 (results/perf/h200_finetune_mps.json, h200_mini_mps.json and
 results/mini/mps_check.json): nine fine-tuning trials' training steps went from 303-312 to 510 examples/s, and the
-whole trials from 504 to 334 s; ten mini LLaMA processes' CUDA-graph steps from 3.07M to 3.49M tokens/s.
+whole trials from 504 to 334 s; ten mini LLaMA processes' CUDA-graph steps from 3.07M to 3.49M tokens/s, and 57
+whole mini LLaMA trials from 381 to 311 s (results/mini/mps_llama_check.json).
 
 The daemon is the run's own: `nvidia-cuda-mps-control -d` with pipe and log folders in a new temporary folder, which
 only this run's processes (the local Ray instance and its workers, through the environment) are pointed at. It is
