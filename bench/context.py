@@ -66,9 +66,7 @@ class HarnessContext:
         tracking.log_params(self.uri, self.run_id, params)
 
     def set_tags(self, **tags: str) -> None:
-        c = tracking.client(self.uri)
-        for k, v in tags.items():
-            tracking.retry(lambda k=k, v=v: c.set_tag(self.run_id, k, str(v)))
+        tracking.set_tags(self.uri, self.run_id, tags)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         # Points first, checkpoint second: a kill in between resumes from the older checkpoint and skips the points

@@ -506,13 +506,19 @@ def log_metrics(uri: str, run_id: str, points: Iterable[tuple[int, str, float, i
         retry(lambda chunk=items[i : i + 1000]: client(uri).log_batch(run_id, metrics=chunk))
 
 
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Set tags of a run in batches (values as strings)."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), 100):
+        retry(lambda chunk=items[i : i + 100]: client(uri).log_batch(run_id, tags=chunk))
+
+
 def close_trial(uri: str, run_id: str, status: str, error: str) -> None:
     """End a trial's child run that did not finish: `interrupted` (KILLED, resumable) or `failed` (FAILED)."""
-    c = client(uri)
-    tags = {STATUS_TAG: status} | ({"bench.error": error[:5000]} if error else {})
-    for k, v in tags.items():
-        retry(lambda k=k, v=v: c.set_tag(run_id, k, v))
-    retry(lambda: c.set_terminated(run_id, status="KILLED" if status == "interrupted" else "FAILED"))
+    set_tags(uri, run_id, {STATUS_TAG: status} | ({"bench.error": error[:5000]} if error else {}))
+    retry(lambda: client(uri).set_terminated(run_id, status="KILLED" if status == "interrupted" else "FAILED"))
 
 
 @contextlib.contextmanager
@@ -552,5 +558,4 @@ def run_lock(uri: str, command: str) -> Iterator[None]:
 
 def adopt(uri: str, run_id: str, parent_id: str, tags: dict[str, str] | None = None) -> None:
     """Attach an existing unfinished trial run to the current parent run, with the run's `tags`."""
-    for name, value in {PARENT_TAG: parent_id, **(tags or {})}.items():
-        retry(lambda name=name, value=value: client(uri).set_tag(run_id, name, value))
+    set_tags(uri, run_id, {PARENT_TAG: parent_id, **(tags or {})})
