@@ -37,8 +37,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 class FinetuneConfig(TaskConfig):
     """One fine-tuning trial: model, method, data, budget, schedule, evaluation and hardware."""
 
-    # the share of a GPU and of CPUs a trial asks the scheduler for: where it runs, not what it trains
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"gpu_fraction", "cpus"})
+    # the share of a GPU and of CPUs a trial asks the scheduler for, and whether its layers are compiled: where and
+    # with which kernels it runs, not what it trains (kernel fusion changes only the rounding of the bf16 math)
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"gpu_fraction", "cpus", "compile"})
 
     # model and method
     model: str = Field(OFFLINE_MODEL, description=f"hub name, local folder, {OFFLINE_MODEL!r} or {TINY_MODEL!r}")
@@ -102,6 +103,9 @@ class FinetuneConfig(TaskConfig):
 
     # hardware
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional compilation: the layers share one graph, "
+        "with dynamic batch and sequence sizes); the LM head and the loss stay eager")
     gpu_fraction: float | None = Field(None, gt=0, le=1, description="None: by model size")
     cpus: float = Field(1.0, gt=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads during the trial")
@@ -152,6 +156,12 @@ _SKIP_NONFINITE: dict[str, Any] = {"max_nonfinite_steps": 10}
 # Nine `mini` trials share one H200 (at most 99 of its 141 GB; tasks/finetune/task.py, MEASURED).
 _NINE_PER_GPU: dict[str, Any] = {"gpu_fraction": 0.111}
 
+# How a `mini` trial runs: evaluated at steps 300 and 600 and at the end (617); its decoder layers compiled, since an
+# eager step of SmolLM2 is ~6.8k small kernels and 200 ms of host time for 38 ms of GPU work on an H200
+# (results/perf/h200_finetune_mps.json); 256 rows a scoring forward, since a forward's fixed cost is most of a
+# 64-row one (400 rows/s at 64 rows, 1191 at 256, same file).
+_MINI_RUN: dict[str, Any] = {"eval_every": 300, "eval_batch_size": 256, "compile": True}
+
 # SPAM's fine-tuning model and data: LLaMA-2 7B on the 8 commonsense sets from the hub.
 _PAPER_7B: dict[str, Any] = {
     **_LORA_170K,
@@ -199,29 +209,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data_source": "packaged",
         "epochs": 1.0,
         "warmup_steps": 30,
-        "eval_every": 200,
         "max_eval_examples": 500,
-        "eval_batch_size": 64,
         "precision": "bf16",
         **_SKIP_NONFINITE,
         **_NINE_PER_GPU,
-    },
-    "mini-full": {
-        **_LORA_170K,
-        **_ONE_MICRO_BATCH,
-        "model": OFFLINE_MODEL,
-        "method": "full",
-        "datasets": list(COMMONSENSE_8),
-        "data_source": "packaged",
-        "epochs": 1.0,
-        "warmup_steps": 30,
-        "lr": 2e-5,
-        "eval_every": 200,
-        "max_eval_examples": 500,
-        "eval_batch_size": 64,
-        "precision": "bf16",
-        **_SKIP_NONFINITE,
-        **_NINE_PER_GPU,
+        **_MINI_RUN,
     },
     # SPAM's fine-tuning setting: a LLaMA-family 7B model on the 8 commonsense sets from the hub (training splits;
     # ARC and OBQA scored on their test splits, the others on validation), LoRA with the commonsense-170k recipe.
@@ -231,6 +223,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-full": {**_PAPER_7B, "method": "full", "lr": 2e-5},
 }
 
+# The mini table's full fine-tuning, at the lr of the commonsense full fine-tuning literature (swept in the suite).
+PRESETS["mini-full"] = {**PRESETS["mini"], "method": "full", "lr": 2e-5}
 # The smoke run with LoRA adapters (r 8) on the tiny model.
 PRESETS["smoke-lora"] = {**PRESETS["smoke"], "method": "lora", "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
                          "lr": 1e-2}

@@ -10,8 +10,9 @@ may be bound by how their kernels share it rather than by arithmetic. This probe
 ``one`` times `--steps` steps after a warm-up and profiles five more (kernels a step and their summed device time).
 ``many`` starts that many processes, each building its trial and warming up alone; they then time `--steps` training
 steps together from a common start, and one scoring pass over the evaluation examples per `--eval-batch` size, again
-from a common start: the summed rates are what the GPU gives trials that share it. `--compile` wraps the model in
-`torch.compile(dynamic=True)` first. CUDA only; the scores themselves are not reported.
+from a common start: the summed rates are what the GPU gives trials that share it. `--compile on|off` overrides the
+preset's `compile` (its decoder layers compiled, `tasks.finetune.model.compile_layers`); warm-up steps include the
+compilation. CUDA only; the scores themselves are not reported.
 """
 
 from __future__ import annotations
@@ -31,15 +32,13 @@ import torch
 WARMUP = 5
 
 
-def make_trial(preset: str, optimizer: str, seed: int, compile_model: bool) -> Any:
-    """The preset's trial on the GPU, warmed up by `WARMUP` steps."""
+def make_trial(preset: str, optimizer: str, seed: int, compile_model: bool | None) -> Any:
+    """The preset's trial on the GPU (`compile_model` None: as the preset compiles), warmed up by `WARMUP` steps."""
     from tasks.finetune.task import FinetuneTask
     from tasks.finetune.training import FinetuneTrial
 
-    cfg = FinetuneTask().config(preset)
+    cfg = FinetuneTask().config(preset, {} if compile_model is None else {"compile": compile_model})
     trial = FinetuneTrial.create(cfg, optimizer, {}, seed=seed, device="cuda")
-    if compile_model:
-        trial.loaded.model = torch.compile(trial.loaded.model, dynamic=True)
     for _ in range(WARMUP):
         trial.train_step()
     torch.cuda.synchronize()
@@ -73,12 +72,12 @@ def score_rate(trial: Any, batch_size: int) -> tuple[float, float, float]:
     return sum(len(r) for r in encoded) / (end - start), start, end
 
 
-def one(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool) -> dict[str, Any]:
+def one(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool | None) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     started = time.perf_counter()
     trial = make_trial(preset, optimizer, 0, compile_model)
-    out: dict[str, Any] = {"preset": preset, "opt": optimizer, "compile": compile_model,
+    out: dict[str, Any] = {"preset": preset, "opt": optimizer, "compile": trial.cfg.compile,
                            "setup_and_warmup_s": time.perf_counter() - started,
                            "examples_per_s": train_rate(trial, steps)[0]}
     profiled = 5
@@ -110,11 +109,11 @@ def _wait(barrier: str, phase: str, me: int, processes: int) -> None:
         time.sleep(0.05)
 
 
-def worker(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool, barrier: str,
+def worker(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool | None, barrier: str,
            processes: int, me: int) -> dict[str, Any]:
     trial = make_trial(preset, optimizer, me, compile_model)
     _wait(barrier, "train", me, processes)
-    out: dict[str, Any] = {"me": me, "train": train_rate(trial, steps)}
+    out: dict[str, Any] = {"me": me, "compile": trial.cfg.compile, "train": train_rate(trial, steps)}
     for b in batches:
         _wait(barrier, f"eval{b}", me, processes)
         out[f"eval{b}"] = score_rate(trial, b)
@@ -122,18 +121,18 @@ def worker(preset: str, optimizer: str, steps: int, batches: list[int], compile_
 
 
 def many(processes: int, preset: str, optimizer: str, steps: int, batches: list[int],
-         compile_model: bool) -> dict[str, Any]:
+         compile_model: bool | None) -> dict[str, Any]:
     started = time.perf_counter()
     name = __spec__.name if __spec__ else __name__
     with tempfile.TemporaryDirectory() as barrier:
         procs = [subprocess.Popen([sys.executable, "-m", name, "worker", "--preset", preset, "--optimizer", optimizer,
                                    "--steps", str(steps), "--eval-batch", ",".join(map(str, batches)),
                                    "--barrier", barrier, "--processes", str(processes), "--me", str(i)]
-                                  + (["--compile"] if compile_model else []),
+                                  + ([] if compile_model is None else ["--compile", "on" if compile_model else "off"]),
                                   stdout=subprocess.PIPE, text=True) for i in range(processes)]
         rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
-    out: dict[str, Any] = {"processes": processes, "preset": preset, "opt": optimizer, "compile": compile_model,
+    out: dict[str, Any] = {"processes": processes, "preset": preset, "opt": optimizer, "compile": rows[0]["compile"],
                            "train_examples": summed([r["train"] for r in rows])}
     for b in batches:
         out[f"eval{b}_rows"] = summed([r[f"eval{b}"] for r in rows])
@@ -148,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--optimizer", default="adamw", help="an optimizer registry name")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-batch", default="64", help="comma-separated scoring batch sizes")
-    parser.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) the model")
+    parser.add_argument("--compile", choices=("on", "off"), help="compile the decoder layers or not (default: as the "
+                        "preset does)")
     parser.add_argument("--processes", type=int, default=6, help="`many`: processes sharing the GPU")
     parser.add_argument("--barrier", help=argparse.SUPPRESS)
     parser.add_argument("--me", type=int, help=argparse.SUPPRESS)
@@ -156,12 +156,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not torch.cuda.is_available():
         parser.exit(2, "step_probe measures a CUDA GPU and none is visible here\n")
     batches = [int(b) for b in args.eval_batch.split(",") if b]
+    compile_model = None if args.compile is None else args.compile == "on"
     if args.what == "one":
-        out = one(args.preset, args.optimizer, args.steps, batches, args.compile)
+        out = one(args.preset, args.optimizer, args.steps, batches, compile_model)
     elif args.what == "many":
-        out = many(args.processes, args.preset, args.optimizer, args.steps, batches, args.compile)
+        out = many(args.processes, args.preset, args.optimizer, args.steps, batches, compile_model)
     else:
-        out = worker(args.preset, args.optimizer, args.steps, batches, args.compile, args.barrier, args.processes,
+        out = worker(args.preset, args.optimizer, args.steps, batches, compile_model, args.barrier, args.processes,
                      args.me)
     print(json.dumps(out))
     return out

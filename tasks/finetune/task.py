@@ -17,18 +17,16 @@ from tasks.finetune.config import PRESETS, FinetuneConfig
 
 SMALL_MODEL_PARAMS = 1e9  # below this a trial asks for a quarter of a GPU
 
-# Measured on one H200, nine trials of the `mini` table at a time (0.111 GPU each; the GPU 85% busy on average, 99 GB
-# of its memory at most): a whole trial (617 steps of one micro-batch of 16, five evaluations, start-up) took 504 s
-# with LoRA and 283 s fully fine-tuned (medians of nine each; 34.7 and 54.5 training examples/s), the eighteen 811 s
-# (results/mini/README.md, fine-tuning section). Per method: (preset, seconds of a trial, GPU share it held).
-MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 504.0, 0.111), "full": ("mini-full", 283.0, 0.111)}
-# Through MPS (`bench.mps`), nine `mini` trials' own training steps and scoring on one H200 (python -m
-# tasks.finetune.step_probe many; results/perf/h200_finetune_mps.json): training 510 examples/s against 303
-# time-sliced (six processes; the stored trials' nine reached 312), scoring 3276 rows/s against 2035: 1.63 and 1.61
-# times. A trial's set-up (about 45 s of loading, on the CPU) does not gain, so a whole LoRA trial of the 504 s above
-# would take 45 + 459 / 1.62 = 328 s (1.54 times faster), a full one 45 + 238 / 1.62 = 192 s (1.47 times): 1.5 is used
-# for both. Checked over whole trials: the nine LoRA trials of the lr sweep took 334 s each through MPS against 504 s
-# (results/mini/mps_check.json).
+# Measured on one H200 through MPS (`bench.mps`), the 30 trials of the `mini` table nine at a time (0.111 GPU each),
+# decoder layers compiled, scoring 256 rows a forward (`bench run --suite mini --only finetune_commonsense` on a fresh
+# machine and store: 583 s from launch to end; results/mini/finetune_compiled.json): a whole trial (time.task_s plus
+# its Ray worker's start, mean over the method's 15 trials, the first wave's cold set-up, shared start scores and
+# compilation included) took 228 s with LoRA and 91 s fully fine-tuned. Per method: (preset, seconds, GPU share held).
+MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 228.0, 0.111), "full": ("mini-full", 91.0, 0.111)}
+# MPS against time-sliced, measured on eager trials: nine `mini` trials' training steps 1.63 times and scoring 1.61
+# times faster through MPS (python -m tasks.finetune.step_probe many; results/perf/h200_finetune_mps.json), whole
+# LoRA trials 334 s against 504 s (1.51; results/mini/mps_check.json). Compiled trials were measured through MPS
+# only: their time-sliced seconds are taken as MEASURED x MPS_SPEEDUP.
 MPS_SPEEDUP = 1.5
 
 
@@ -88,15 +86,16 @@ class FinetuneTask(Task):
         return float(train_flops + evaluations * 2 * n * eval_rows * cfg.max_len)
 
     def estimate_seconds(self, cfg: TaskConfig) -> float:
-        """Wall-clock seconds of a GPU trial at its GPU share: the measured trial of its method, scaled by FLOPs and by
-        the share (the measured GPU was saturated, so a trial's GPU-seconds do not depend on how trials are packed)."""
+        """Wall-clock seconds of a GPU trial at its GPU share, time-sliced: the measured trial of its method (through
+        MPS, times MPS_SPEEDUP), scaled by FLOPs and by the share (the measured GPU was busy, so a trial's GPU-seconds
+        do not depend on how trials are packed)."""
         assert isinstance(cfg, FinetuneConfig)
         preset, seconds, share = MEASURED[cfg.method]
         reference = self.estimate_flops(self.config(preset))
         gpus = self.resources(cfg).gpus
         if not (reference and gpus and cfg.device != "cpu"):
             return 0.0
-        return seconds * share / gpus * self.estimate_flops(cfg) / reference
+        return seconds * MPS_SPEEDUP * share / gpus * self.estimate_flops(cfg) / reference
 
     def run(self, cfg: TaskConfig, optimizer: str, hparams: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         assert isinstance(cfg, FinetuneConfig)

@@ -54,7 +54,7 @@ from tasks.base import (
 )
 from tasks.finetune.config import FinetuneConfig
 from tasks.finetune.data import SetData, load_sets
-from tasks.finetune.model import LoadedModel, apply_lora, load_base
+from tasks.finetune.model import LoadedModel, apply_lora, compile_layers, load_base
 from tasks.finetune.scoring import Encoded, collate, continuation_logprobs, encode_pairs, score_examples
 from tasks.finetune.start_scores import identity, start_scores
 
@@ -125,6 +125,8 @@ class FinetuneTrial:
         if cfg.method == "lora":
             loaded = apply_lora(loaded, cfg)
         loaded.model.to(device)
+        if cfg.compile:
+            compile_layers(loaded.model)
         pairs = [(ex.contexts[ex.label], ex.continuations[ex.label]) for s in sets for ex in s.train]
         if not pairs:
             raise ValueError(f"no training examples in {[s.name for s in sets]}")

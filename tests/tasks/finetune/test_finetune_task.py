@@ -59,6 +59,27 @@ def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
     assert params["optimizer.lr_source"] == "hparams"
 
 
+@pytest.mark.slow
+def test_compiled_layers_train_and_score_as_eager(make_config: Callable) -> None:
+    """`compile`: every decoder layer compiled in place (parameter names unchanged, so checkpoints load either way),
+    one graph for all of them and every batch shape; the same losses, gradients and scores as eager, to rounding."""
+    cfg = make_config("smoke-lora", eval_at_start=False)
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator (a trial seeds it)
+    eager = FinetuneTrial.create(cfg, "adamw", {}, seed=0)
+    torch.manual_seed(0)
+    compiled = FinetuneTrial.create(cfg.model_copy(update={"compile": True}), "adamw", {}, seed=0)
+    layers = compiled.model.get_decoder().layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert list(compiled.trainable()) == list(eager.trainable())
+    for _ in range(4):  # batches of different widths
+        a, b = eager.train_step(), compiled.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                     rel=1e-4)
+    for name, p in compiled.trainable().items():
+        assert torch.allclose(p, eager.trainable()[name], atol=1e-3), name  # Adam steps of lr 1e-2
+    assert compiled.evaluate() == pytest.approx(eager.evaluate())
+
+
 def test_training_attention_leaves_out_cudnn_and_evaluation_keeps_the_default(make_config: Callable) -> None:
     """A training step's forward and backward, and a replay's, run without cuDNN attention (its backward gave NaN
     query gradients on left-padded batches 64 mod 128 wide: `training.TRAIN_ATTENTION`); evaluation and whatever
