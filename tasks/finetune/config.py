@@ -153,7 +153,7 @@ _ONE_MICRO_BATCH: dict[str, Any] = {"batch_size": 16, "grad_accum": 1}
 # A few steps with a non-finite gradient are skipped, alike for every optimizer, and named, so that one bad batch does
 # not end the table (on the H200 every trial met one, from cuDNN attention, now left out: training.TRAIN_ATTENTION).
 _SKIP_NONFINITE: dict[str, Any] = {"max_nonfinite_steps": 10}
-# Nine `mini` trials share one H200 (at most 99 of its 141 GB; tasks/finetune/task.py, MEASURED).
+# Nine `mini` trials share one H200 (compiled, at most 69 of its 141 GB; results/mini/finetune_compiled.json).
 _NINE_PER_GPU: dict[str, Any] = {"gpu_fraction": 0.111}
 
 # How a `mini` trial runs: evaluated at steps 300 and 600 and at the end (617); its decoder layers compiled, since an
