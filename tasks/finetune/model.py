@@ -221,8 +221,8 @@ def apply_lora(loaded: LoadedModel, cfg: FinetuneConfig) -> LoadedModel:
     return loaded
 
 
-def compile_layers(model: nn.Module) -> int:
-    """Compile each decoder layer of `model` in place (regional compilation) and return how many there are.
+def compile_layers(model: nn.Module) -> None:
+    """Compile each decoder layer of `model` in place (regional compilation).
 
     The layers run the same code with their weights as graph inputs, so torch.compile traces one layer and every
     layer replays its graph: the compile time of one layer, not of the whole stack, and state-dict names unchanged.
@@ -237,7 +237,6 @@ def compile_layers(model: nn.Module) -> int:
     torch.compiler.reset()  # a fresh trial: drop graphs of an earlier trial in this process
     for layer in layers:
         layer.compile(dynamic=True)
-    return len(layers)
 
 
 def estimate_params(cfg: FinetuneConfig) -> tuple[int, int] | None:
