@@ -15,7 +15,10 @@ class TrialSpec(BaseModel):
     `config` holds the task's full resolved config (preset and overrides applied), so two specs that train the same
     thing have the same key whatever preset name or defaults led to them. `preset` is kept for display only;
     `runtime` holds the config fields that choose how the trial executes (its config's ``runtime_fields``) at their
-    defaults: the key reads those, so a trial run compiled or eager is the same trial.
+    defaults: the key reads those, so a trial run compiled or eager is the same trial. `unset` holds what the task
+    gives a trial that leaves a hyperparameter unset (its config's ``unset_hparams``: the learning rate): a trial
+    that sets one to that very value trains the same, and the key reads it as unset, so a learning-rate sweep through
+    the preset's rate shares that trial with the tables that leave the rate to the preset.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -26,9 +29,11 @@ class TrialSpec(BaseModel):
     hparams: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     runtime: dict[str, Any] = Field(default_factory=dict)
+    unset: dict[str, Any] = Field(default_factory=dict)
 
     def canonical(self) -> str:
-        body = {k: getattr(self, k) for k in ("task", "optimizer", "hparams", "seed")}
+        body: dict[str, Any] = {k: getattr(self, k) for k in ("task", "optimizer", "seed")}
+        body["hparams"] = {k: v for k, v in self.hparams.items() if k not in self.unset or v != self.unset[k]}
         body["config"] = {**self.config, **self.runtime}
         return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
 

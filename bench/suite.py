@@ -525,6 +525,7 @@ def expand(suite: Suite, path: Path | None = None, root: yaml.Node | None = None
                         spec_ = TrialSpec(
                             task=exp.task, preset=exp.preset, config=cfg.model_dump(mode="json"),
                             optimizer=entry.name, hparams=hp, seed=seed, runtime=cfg.identity_defaults(),
+                            unset=cfg.unset_hparams(),
                         )
                         trials.extend(
                             Trial(spec=spec_, table=exp.table or exp.task, column=column,

@@ -76,6 +76,10 @@ class TaskConfig(BaseModel):
         """The runtime fields at their defaults, as the trial's identity reads them."""
         return {name: type(self).model_fields[name].default for name in sorted(self.runtime_fields)}
 
+    def unset_hparams(self) -> dict[str, Any]:
+        """What a trial that leaves them unset is given (`trial_optimizer`): the config's learning rate."""
+        return {"lr": float(getattr(self, self.lr_field))}
+
 
 @runtime_checkable
 class TrialContext(Protocol):

@@ -153,14 +153,16 @@ _ONE_MICRO_BATCH: dict[str, Any] = {"batch_size": 16, "grad_accum": 1}
 # A few steps with a non-finite gradient are skipped, alike for every optimizer, and named, so that one bad batch does
 # not end the table (on the H200 every trial met one, from cuDNN attention, now left out: training.TRAIN_ATTENTION).
 _SKIP_NONFINITE: dict[str, Any] = {"max_nonfinite_steps": 10}
-# Nine `mini` trials share one H200 (compiled, at most 69 of its 141 GB; results/mini/finetune_compiled.json).
-_NINE_PER_GPU: dict[str, Any] = {"gpu_fraction": 0.111}
+# Fourteen `mini` trials share one H200: nine compiled trials took at most 69 of its 141 GB (7.6 GB each) and left it
+# 12% idle (results/mini/finetune_compiled.json).
+_FOURTEEN_PER_GPU: dict[str, Any] = {"gpu_fraction": 0.0714}
 
-# How a `mini` trial runs: evaluated at steps 300 and 600 and at the end (617); its decoder layers compiled, since an
-# eager step of SmolLM2 is ~6.8k small kernels and 200 ms of host time for 38 ms of GPU work on an H200
+# How a `mini` trial runs: evaluated at step 310 and at the end (617), besides the scores before training that its
+# trials share (an evaluation at 600 as well was 17 steps from the end's); its decoder layers compiled, since an eager
+# step of SmolLM2 is ~6.8k small kernels and 200 ms of host time for 38 ms of GPU work on an H200
 # (results/perf/h200_finetune_mps.json); 256 rows a scoring forward, since a forward's fixed cost is most of a
 # 64-row one (400 rows/s at 64 rows, 1191 at 256, same file).
-_MINI_RUN: dict[str, Any] = {"eval_every": 300, "eval_batch_size": 256, "compile": True}
+_MINI_RUN: dict[str, Any] = {"eval_every": 310, "eval_batch_size": 256, "compile": True}
 
 # SPAM's fine-tuning model and data: LLaMA-2 7B on the 8 commonsense sets from the hub.
 _PAPER_7B: dict[str, Any] = {
@@ -212,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_eval_examples": 500,
         "precision": "bf16",
         **_SKIP_NONFINITE,
-        **_NINE_PER_GPU,
+        **_FOURTEEN_PER_GPU,
         **_MINI_RUN,
     },
     # SPAM's fine-tuning setting: a LLaMA-family 7B model on the 8 commonsense sets from the hub (training splits;

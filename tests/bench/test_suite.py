@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,30 @@ def test_runtime_fields_do_not_change_a_trials_identity():
         assert other.key() == adam0.key
     longer = adam0.spec.model_copy(update={"config": {**adam0.spec.config, "steps": 2000}})
     assert longer.key() != adam0.key
+
+
+def test_a_learning_rate_equal_to_the_presets_is_the_trial_that_leaves_it_to_the_preset():
+    """sensitivity_lr sweeps lr through the preset's 1e-3: those trials are the BF16 and 4-bit tables' own."""
+    _, trials = load_trials("mini", only={"llm_pretrain_bf16", "sensitivity_lr"})
+    bf16 = {(t.row, t.spec.seed): t for t in trials if t.table == "llm_pretrain_bf16"}
+    swept = [t for t in trials if t.table == "sensitivity_lr" and t.column == "bf16" and t.row == "adam"]
+    at_preset = [t for t in swept if t.point["lr"] == 1e-3]
+    assert len(at_preset) == 3 and all(t.spec.hparams["lr"] == 1e-3 for t in at_preset)  # the run still names it
+    assert {t.key for t in at_preset} == {bf16["adam", seed].key for seed in (0, 1, 2)}
+    assert not {t.key for t in swept if t.point["lr"] != 1e-3} & {t.key for t in bf16.values()}
+
+
+@pytest.mark.parametrize("suite", ["mini", "paper"])
+def test_no_two_keys_train_the_same_trial(suite):
+    """Every distinct key trains something different: the resolved config, optimizer, seed and hyperparameters with
+    the task's learning rate filled in, as `tasks.base.trial_optimizer` gives them."""
+    _, trials = load_trials(suite)
+    seen: dict[str, str] = {}
+    for spec in unique_specs(trials):
+        hp = {**spec.unset, **spec.hparams}
+        what = json.dumps([spec.task, spec.optimizer, spec.seed, hp, {**spec.config, **spec.runtime}],
+                          sort_keys=True, default=str)
+        assert seen.setdefault(what, spec.key()) == spec.key(), spec.label()
 
 
 @pytest.mark.parametrize("table", ["finetune_commonsense", "forecasting_weather_anomaly"])

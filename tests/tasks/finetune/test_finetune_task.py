@@ -200,7 +200,7 @@ def test_presets_validate_and_cost() -> None:
     assert paper.datasets == COMMONSENSE_8 and paper.method == "lora" and "Llama-2-7b" in paper.model
     assert (paper.lora_r, paper.lora_alpha, paper.examples_per_step, paper.max_len) == (32, 64.0, 16, 256)
     assert task.resources(task.config("smoke")).gpus == 0
-    assert task.resources(task.config("mini")).gpus == 0.111  # measured: nine share an H200
+    assert task.resources(task.config("mini")).gpus == 0.0714  # fourteen share an H200
     assert task.resources(task.config("mini", {"gpu_fraction": None})).gpus == 0.25  # by model size
     assert task.resources(paper).gpus == 1.0
     mini = task.config("mini")
