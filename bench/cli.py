@@ -35,6 +35,9 @@ MpsOpt = Annotated[MpsMode, typer.Option(
     "--mps", help="trials sharing a GPU run their kernels side by side through "
     "an MPS server of this run (local runs on an NVIDIA GPU; auto: where it starts, else time-sliced)")]
 OutOpt = Annotated[Path, typer.Option("--out", help="folder for leaderboard tables and plots")]
+StallOpt = Annotated[float | None, typer.Option(
+    "--stall-minutes", min=0.1, help="a trial that reports nothing this long is ended, its threads' stacks logged, "
+    "and retried [default: bench.runner.RunOptions.stall_minutes]")]
 AddOpt = Annotated[list[str] | None, typer.Option(
     "--add-optimizer", help="add a row to every table: NAME[:k=v,...], NAME a registry name, an entry point of "
     "bench.optimizers or module:Class; values as in a suite (a list is a grid axis)")]
@@ -110,7 +113,7 @@ def _print_remaining(trials: list[Any], uri: str, experiment: str, mps_mode: mps
 
 
 def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_concurrent: int,
-         out: Path, command: str, mps_mode: mps.Mode) -> int:
+         out: Path, command: str, mps_mode: mps.Mode, stall_minutes: float | None) -> int:
     import tasks
     from bench import leaderboard
     from bench.progress import TrialProgress
@@ -127,7 +130,8 @@ def _run(suite_name: str, trials: list[Any], uri: str, address: str | None, max_
     for t in trials:  # a trial shown in several tables is named after the first
         trial_tags.setdefault(t.key, tracking.trial_tags(t.table, t.row, t.spec))
     opts = RunOptions(tracking_uri=uri, address=address, max_concurrent=max_concurrent, debug=STATE["debug"],
-                      mps=mps_mode, trial_tags=trial_tags)
+                      mps=mps_mode, trial_tags=trial_tags,
+                      **({} if stall_minutes is None else {"stall_minutes": stall_minutes}))
     with TrialProgress(console, trials) as progress:
         summary = run_specs(specs, resources, experiment_name(suite_name), opts,
                             {"bench.suite": suite_name, "bench.command": command}, progress)
@@ -179,6 +183,7 @@ def run(
     = None,
     out: OutOpt = Path("results"),
     mps_mode: MpsOpt = MpsMode(mps.DEFAULT_MODE),
+    stall_minutes: StallOpt = None,
 ) -> None:
     """Run every trial of a suite that is not finished yet, then print and save its leaderboard."""
     from bench.suite import load_trials, parse_sets
@@ -190,7 +195,7 @@ def run(
         _print_remaining(trials, _uri(tracking_uri), experiment_name(s.name), mps_mode.value)
         return
     raise typer.Exit(_run(s.name, trials, _uri(tracking_uri), address, max_concurrent, out, " ".join(sys.argv),
-                          mps_mode.value))
+                          mps_mode.value, stall_minutes))
 
 
 DEFAULT_LRS = "1e-4,3e-4,1e-3"
@@ -223,6 +228,7 @@ def sweep(
     set_: SetOpt = None,
     out: OutOpt = Path("results"),
     mps_mode: MpsOpt = MpsMode(mps.DEFAULT_MODE),
+    stall_minutes: StallOpt = None,
 ) -> None:
     """Learning-rate grid (seed 0), then the best lr of each optimizer re-run over N seeds."""
     from bench.suite import Experiment, Suite, apply_sets, expand, parse_sets
@@ -237,7 +243,8 @@ def sweep(
     grid_trials = expand(grid)
     _save_sweep(grid, out)
     uri = _uri(tracking_uri)
-    code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv), mps_mode.value)
+    code = _run(sweep_name, grid_trials, uri, address, max_concurrent, out, " ".join(sys.argv), mps_mode.value,
+                stall_minutes)
     if code == 130:
         raise typer.Exit(code)
     best = _best_lrs(grid_trials, uri, experiment_name(sweep_name))
@@ -249,7 +256,8 @@ def sweep(
                    hparams={"lr": lr_}, optimizers=[o], seeds=seeds) for o, lr_ in best.items()]), sets)
     trials = grid_trials + expand(final)
     _save_sweep(grid.model_copy(update={"experiments": grid.experiments + final.experiments}), out)
-    code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv), mps_mode.value))
+    code = max(code, _run(sweep_name, trials, uri, address, max_concurrent, out, " ".join(sys.argv), mps_mode.value,
+                          stall_minutes))
     raise typer.Exit(code)
 
 

@@ -9,6 +9,7 @@ cannot be read is set aside with a warning naming it, the trial restarting clean
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ class HarnessContext:
     """`tasks.base.TrialContext` for trials run by the harness (inside a Ray Tune worker or in-process)."""
 
     def __init__(self, uri: str, run_id: str, trial_dir: Path, seed: int, device: str,
-                 flush_seconds: float = 30.0, tune_report: bool = True) -> None:
+                 flush_seconds: float = 30.0, tune_report: bool = True, stall_s: float = 0.0) -> None:
         self.uri, self.run_id, self.seed, self.device = uri, run_id, seed, device
         self.trial_dir = tracking.private_dir(trial_dir)
         self.artifact_dir = tracking.private_dir(trial_dir / "artifacts")
@@ -45,6 +46,19 @@ class HarnessContext:
         self._flush_seconds = flush_seconds
         self._tune_report = tune_report
         self.last_metrics: dict[str, float] = {}
+        self._stall_s = stall_s
+        self._watch()
+
+    def _watch(self) -> None:
+        """(Re)start the stall watchdog: unless `report` is called within `stall_s`, the process prints every thread's
+        stack and exits (status 1), so that Ray retries the trial (0: no watchdog)."""
+        if self._stall_s > 0:
+            faulthandler.dump_traceback_later(self._stall_s, exit=True)
+
+    def unwatch(self) -> None:
+        """Stop the stall watchdog (the trial ended, or is failing anyway)."""
+        if self._stall_s > 0:
+            faulthandler.cancel_dump_traceback_later()
 
     # --- TrialContext --------------------------------------------------------------------------------------------
 
@@ -54,6 +68,7 @@ class HarnessContext:
         self._buffer.extend((step, k, v, now) for k, v in values.items() if step > self._written.get(k, -1))
         self.last_metrics.update(values)
         self.last_metrics["step"] = step
+        self._watch()
         check_finite(values)
         if self._tune_report:
             from ray import tune
@@ -100,6 +115,7 @@ class HarnessContext:
 
     def close(self) -> None:
         """The trial is done: remove its checkpoint and records (anything set aside stays, with the folder)."""
+        self.unwatch()
         for name in ("checkpoint.pt", CHECKPOINT_STEP, "written_steps.json", "worker.pid"):
             (self.trial_dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.artifact_dir, ignore_errors=True)

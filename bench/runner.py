@@ -49,6 +49,11 @@ class RunOptions:
     max_failures: int = 2  # retries of a crashed trial (from its last checkpoint)
     debug: bool = False
     mps: mps.Mode = mps.DEFAULT_MODE  # trials sharing a GPU through this run's MPS server (bench.mps)
+    # A trial that reports nothing for this long (hung: a deadlock, a stuck device call) is ended, its threads' stacks
+    # in the log, and retried like a crashed one (`HarnessContext`). On one H200 a mini fine-tuning trial once hung
+    # for good and held the run open (results/mini/finetune_fourteen.json); the longest silence of a working mini
+    # trial is its cold start (about 6 min with fourteen compiling at once).
+    stall_minutes: float = 20.0
     trial_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> name, table, label of its run
 
 
@@ -89,7 +94,7 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     spec = TrialSpec(**trial["spec"])
     uri, run_id = trial["tracking_uri"], trial["run_id"]
     ctx = HarnessContext(uri, run_id, Path(trial["trial_dir"]), spec.seed, device or _device(trial["gpus"]),
-                         tune_report=tune_report)
+                         tune_report=tune_report, stall_s=trial.get("stall_s", 0.0))
     c = tracking.client(uri)
     tracking.retry(lambda: c.update_run(run_id, status="RUNNING"))  # a retried or resumed run runs again
     tracking.retry(lambda: c.set_tag(run_id, tracking.STATUS_TAG, "running"))
@@ -101,6 +106,7 @@ def run_trial(trial: dict[str, Any], tune_report: bool = True, device: str | Non
     except Diverged as exc:
         final, status, reason = dict(ctx.last_metrics), "diverged", str(exc)
     except BaseException as exc:
+        ctx.unwatch()
         ctx.flush()
         # Ctrl-C reaches a trial as KeyboardInterrupt, or as SystemExit when Ray ends the stopped trial's actor
         interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit, tracking.DiskFullError))
@@ -425,7 +431,7 @@ def _tune(todo: list[TrialSpec], existing: dict[str, Any], resources: dict[str, 
         if step is not None:
             summary.resumed[key] = step
         trials.append({"spec": spec.model_dump(), "run_id": run_id, "tracking_uri": uri, "trial_dir": str(d),
-                       "key": key, "set_aside": set_aside, **resources[key]})
+                       "key": key, "set_aside": set_aside, "stall_s": opts.stall_minutes * 60, **resources[key]})
 
     def placement(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         t = config["trial"]

@@ -17,12 +17,14 @@ from tasks.finetune.config import PRESETS, FinetuneConfig
 
 SMALL_MODEL_PARAMS = 1e9  # below this a trial asks for a quarter of a GPU
 
-# Measured on one H200 through MPS (`bench.mps`), the 30 trials of the `mini` table nine at a time (0.111 GPU each),
-# decoder layers compiled, scoring 256 rows a forward (`bench run --suite mini --only finetune_commonsense` on a fresh
-# machine and store: 583 s from launch to end; results/mini/finetune_compiled.json): a whole trial (time.task_s plus
-# its Ray worker's start, mean over the method's 15 trials, the first wave's cold set-up, shared start scores and
-# compilation included) took 228 s with LoRA and 91 s fully fine-tuned. Per method: (preset, seconds, GPU share held).
-MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 228.0, 0.111), "full": ("mini-full", 91.0, 0.111)}
+# Measured on one H200 through MPS (`bench.mps`), the 30 trials of the `mini` table fourteen at a time (0.0714 GPU
+# each), decoder layers compiled, evaluated at step 310 and the end, with nine LLaMA trials of sensitivity_lr beside
+# them (`bench run --suite mini --only finetune_commonsense,sensitivity_lr` on a fresh machine, on the carried store:
+# every trial but one finished 655 s after the launch, the dry-run said 660; results/mini/finetune_fourteen.json): a
+# whole trial (time.task_s plus its Ray worker's start, mean over the method's finished trials, the first wave's
+# cold set-up, shared start scores and compilation included) took 344 s with LoRA and 111 s fully fine-tuned. Per
+# method: (preset, seconds, GPU share held).
+MEASURED: dict[str, tuple[str, float, float]] = {"lora": ("mini", 344.0, 0.0714), "full": ("mini-full", 111.0, 0.0714)}
 # MPS against time-sliced, measured on eager trials: nine `mini` trials' training steps 1.63 times and scoring 1.61
 # times faster through MPS (python -m tasks.finetune.step_probe many; results/perf/h200_finetune_mps.json), whole
 # LoRA trials 334 s against 504 s (1.51; results/mini/mps_check.json). Compiled trials were measured through MPS

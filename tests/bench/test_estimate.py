@@ -55,10 +55,15 @@ def test_fine_tuning_gpu_time_does_not_depend_on_the_packing() -> None:
         assert abs(wall_minutes(trials)["finetune_commonsense"] - expected) < 0.01 * expected
 
 
-# results/mini/finetune_compiled.json: the 30 trials of the fine-tuning table (compiled layers), alone on a fresh H200
-# through MPS, nine at a time: 583 s from the launch of `bench run` to its end. The task's MEASURED seconds are the
-# means of that run's trials (LoRA 228 s, full 91 s).
-FINETUNE_RUN_S = 583.0
+# results/mini/finetune_fourteen.json: the 30 trials of the fine-tuning table (compiled layers, fourteen at a time) and
+# the nine sensitivity_lr trials without a twin in another table, on a fresh H200 through MPS, the other trials done in
+# the carried store: every trial but one finished 655 s after the launch of `bench run` (the last, hung, finished in a
+# later call). The fine-tuning task's MEASURED seconds are the means of that run's trials (LoRA 344 s, full 111 s).
+FINETUNE_RUN_S = 655.0
+# The keys of those nine sensitivity_lr trials (BF16 Adafactor and SPAM, FP4 Adafactor at lr 1e-3).
+SENSITIVITY_LR_RUN = {"0b5dcd5bc269a6db", "114374baac4c3e16", "12bb9f71eef9dbdb", "1596e5d73a327584",
+                      "545fbb56de55145b", "903156cc40706a71", "a1a5f9addc00f201", "d78a2de46149e945",
+                      "f404f829b0b19872"}
 
 
 def test_through_mps_each_task_takes_its_measured_speedup_less() -> None:
@@ -73,9 +78,10 @@ def test_through_mps_each_task_takes_its_measured_speedup_less() -> None:
 
 
 def test_fine_tuning_through_mps_within_20_percent_of_the_measured_run() -> None:
-    _, trials = load_trials("mini", only={"finetune_commonsense"})
-    assert len({t.key for t in trials}) == 30
-    assert abs(wall_total_minutes(trials, mps=True) * 60 - FINETUNE_RUN_S) <= 0.2 * FINETUNE_RUN_S
+    _, trials = load_trials("mini", only={"finetune_commonsense", "sensitivity_lr"})
+    ran = [t for t in trials if t.table == "finetune_commonsense" or t.key in SENSITIVITY_LR_RUN]
+    assert len({t.key for t in ran}) == 39
+    assert abs(wall_total_minutes(ran, mps=True) * 60 - FINETUNE_RUN_S) <= 0.2 * FINETUNE_RUN_S
 
 
 # results/mini/mps_llama_check.json: the same 57 trials as MEASURED_TABLES, on a fresh H200 through MPS (twenty at a
