@@ -51,8 +51,8 @@ class RunOptions:
     mps: mps.Mode = mps.DEFAULT_MODE  # trials sharing a GPU through this run's MPS server (bench.mps)
     # A trial that reports nothing for this long (hung: a deadlock, a stuck device call) is ended, its threads' stacks
     # in the log, and retried like a crashed one (`HarnessContext`). On one H200 a mini fine-tuning trial once hung
-    # for good and held the run open (results/mini/finetune_fourteen.json); the longest silence of a working mini
-    # trial is its cold start (about 6 min with fourteen compiling at once).
+    # for good and held the run open (results/mini/finetune_fourteen.json); a working mini trial is silent longest in
+    # its cold start (that run's GPU was idle for its first 115 s, fourteen trials compiling at once).
     stall_minutes: float = 20.0
     trial_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> name, table, label of its run
 

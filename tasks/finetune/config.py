@@ -153,8 +153,9 @@ _ONE_MICRO_BATCH: dict[str, Any] = {"batch_size": 16, "grad_accum": 1}
 # A few steps with a non-finite gradient are skipped, alike for every optimizer, and named, so that one bad batch does
 # not end the table (on the H200 every trial met one, from cuDNN attention, now left out: training.TRAIN_ATTENTION).
 _SKIP_NONFINITE: dict[str, Any] = {"max_nonfinite_steps": 10}
-# Fourteen `mini` trials share one H200: nine compiled trials took at most 69 of its 141 GB (7.6 GB each) and left it
-# 12% idle (results/mini/finetune_compiled.json).
+# Fourteen `mini` trials share one H200: fourteen compiled trials with LLaMA trials beside them took at most 103 of its
+# 141 GB (results/mini/finetune_fourteen.json; nine took 69 GB and left it 12% idle, finetune_compiled.json), though
+# the table took no less time than nine at a time.
 _FOURTEEN_PER_GPU: dict[str, Any] = {"gpu_fraction": 0.0714}
 
 # How a `mini` trial runs: evaluated at step 310 and at the end (617), besides the scores before training that its
