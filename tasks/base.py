@@ -77,7 +77,8 @@ class TaskConfig(BaseModel):
         return {name: type(self).model_fields[name].default for name in sorted(self.runtime_fields)}
 
     def unset_hparams(self) -> dict[str, Any]:
-        """What a trial that leaves them unset is given (`trial_optimizer`): the config's learning rate."""
+        """What a trial that leaves them unset is given (`trial_optimizer` reads it here, and a trial's key): the
+        config's learning rate."""
         return {"lr": float(getattr(self, self.lr_field))}
 
 
@@ -181,7 +182,7 @@ def trial_optimizer(name: str, hparams: dict[str, Any], cfg: TaskConfig, seed: i
     requested = dict(hparams)
     spec = optimizers.spec(name)
     if "lr" in requested or "lr" in spec.accepts or spec.accepts_any:
-        requested["lr"] = float(requested.get("lr", getattr(cfg, cfg.lr_field)))
+        requested["lr"] = float(requested.get("lr", cfg.unset_hparams()["lr"]))
     requested, filled = fill_hparams(name, requested, **run_values, seed=seed)
     return TrialOptimizer(name, requested, filled, "hparams" if "lr" in hparams else "task config")
 
