@@ -186,11 +186,11 @@ class FinetuneTrial:
         for batch in batches:
             total += loss_backward(self.model, batch, n_tokens)
         grads = {n: p.grad for n, p in self.trainable().items() if p.grad is not None}
-        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()])
-        norm = float(torch.linalg.vector_norm(norms))
+        # one multi-tensor kernel for every gradient's norm (float32 whatever the gradients' dtype), one wait
+        norms = torch.stack(torch._foreach_norm(list(grads.values()), 2, dtype=torch.float32))
+        norm, loss_value = torch.stack([torch.linalg.vector_norm(norms), total]).tolist()
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.trainable().values()), self.cfg.max_grad_norm)
-        loss_value = float(total)
         # A step with a non-finite gradient or loss is not taken (`train` skips or stops); the tensors are named.
         self.nonfinite = [] if math.isfinite(norm) else [n for n, g in grads.items() if not torch.isfinite(g).all()]
         self.nonfinite_where = ""
