@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from tasks.base import ExistingPath, TaskConfig
 from tasks.llm_pretrain import corpora
 from tasks.llm_pretrain.data import DataSettings, OfflineSource
 from tasks.llm_pretrain.model import ModelSize
-from tasks.llm_pretrain.quant import QuantFormat
+from tasks.llm_pretrain.quant import QuantFormat, QuantSpec
 
 Precision = Literal["bf16", "fp32", "amp"]
 
@@ -41,7 +41,8 @@ class LLMPretrainConfig(TaskConfig):
     quant: QuantFormat = Field("none", description="fake quantization of the 7 block projections")
     quant_group_size: int = Field(256, ge=4)
     quant_bits: int | None = Field(None, ge=2, le=8, description="bit width of the int formats, weights and "
-                                   "activations alike (e.g. 2 or 3 with quant int4); default: 4 for int4, 8 for int8")
+                                   "activations alike (e.g. 2 or 3 with quant int4); default: 4 for int4, 8 for int8 "
+                                   "(a format's own width reads as the default: the same training, one trial key)")
     # budget and schedule
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(512, ge=1, description="sequences per optimizer step")
@@ -87,6 +88,16 @@ class LLMPretrainConfig(TaskConfig):
                            "split; bpe; or a transformers tokenizer name")
     bpe_vocab_size: int = Field(8192, ge=300)
     bpe_train_docs: int = Field(200_000, ge=1, description="C4 documents used to train a BPE when t5 is missing")
+
+    @field_validator("quant_bits")
+    @classmethod
+    def _own_width_is_the_default(cls, bits: int | None, info: ValidationInfo) -> int | None:
+        """An int format's own width (`QuantSpec.bits`: 4 for int4, 8 for int8) trains as the default does: read it
+        as unset, so the int-bits sweep's 4-bit INT4 trials are the 4-bit table's own."""
+        fmt = info.data.get("quant")
+        if bits is not None and fmt in ("int4", "int8") and bits == QuantSpec(fmt).bits:
+            return None
+        return bits
 
     @model_validator(mode="after")
     def _check_relations(self) -> LLMPretrainConfig:

@@ -83,6 +83,18 @@ def test_a_learning_rate_equal_to_the_presets_is_the_trial_that_leaves_it_to_the
     assert not {t.key for t in swept if t.point["lr"] != 1e-3} & {t.key for t in bf16.values()}
 
 
+def test_an_int_formats_own_width_is_the_trial_that_leaves_it_unset():
+    """sensitivity_int_bits' 4-bit INT4 Adam names quant_bits 4, INT4's own width: those trials are the 4-bit
+    table's INT4 Adam, while 2 and 3 bits stay trials of their own."""
+    _, trials = load_trials("mini", only={"llm_pretrain_4bit", "sensitivity_int_bits"})
+    int4 = {t.spec.seed: t.key for t in trials if t.table == "llm_pretrain_4bit" and t.column == "int4_mini"
+            and t.row == "adam"}
+    swept = [t for t in trials if t.table == "sensitivity_int_bits" and t.row == "adam"]
+    assert {t.key for t in swept if t.point["quant_bits"] == 4} == set(int4.values()) and len(int4) == 3
+    assert not {t.key for t in swept if t.point["quant_bits"] != 4} & set(int4.values())
+    assert all(t.spec.config["quant_bits"] is None for t in swept if t.point["quant_bits"] == 4)
+
+
 @pytest.mark.parametrize("suite", ["mini", "paper"])
 def test_no_two_keys_train_the_same_trial(suite):
     """Every distinct key trains something different: the resolved config, optimizer, seed and hyperparameters with
