@@ -17,7 +17,7 @@ from tasks.base import ExistingPath, TaskConfig
 from tasks.llm_pretrain import corpora
 from tasks.llm_pretrain.data import DataSettings, OfflineSource
 from tasks.llm_pretrain.model import ModelSize
-from tasks.llm_pretrain.quant import QuantFormat, QuantSpec
+from tasks.llm_pretrain.quant import INT_FORMATS, QuantFormat, QuantSpec
 
 Precision = Literal["bf16", "fp32", "amp"]
 
@@ -95,7 +95,7 @@ class LLMPretrainConfig(TaskConfig):
         """An int format's own width (`QuantSpec.bits`: 4 for int4, 8 for int8) trains as the default does: read it
         as unset, so the int-bits sweep's 4-bit INT4 trials are the 4-bit table's own."""
         fmt = info.data.get("quant")
-        if bits is not None and fmt in ("int4", "int8") and bits == QuantSpec(fmt).bits:
+        if bits is not None and fmt in INT_FORMATS and bits == QuantSpec(fmt).bits:
             return None
         return bits
 
@@ -111,7 +111,7 @@ class LLMPretrainConfig(TaskConfig):
                              f"split evenly over {self.workers} workers")
         if self.inject_nan_at is not None and self.inject_nan_at > self.steps:
             raise ValueError(f"inject_nan_at ({self.inject_nan_at}) is after the last step ({self.steps})")
-        if self.quant_bits is not None and self.quant not in ("int4", "int8"):
+        if self.quant_bits is not None and self.quant not in INT_FORMATS:
             raise ValueError(f"quant_bits applies to the int formats (int4, int8), not to quant={self.quant!r}")
         if self.data_source == "offline" and self.c4_path:
             raise ValueError("c4_path is set but data_source is 'offline'")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QuantFormat = Literal["none", "int4", "int8", "fp4", "fp4_e2m1"]
+INT_FORMATS: tuple[QuantFormat, ...] = ("int4", "int8")  # the integer min-max formats, whose width `int_bits` sets
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,7 +54,7 @@ class QuantSpec:
     int_bits: int | None = None  # bit width of the int formats (None: 4 for int4, 8 for int8)
 
     def __post_init__(self) -> None:
-        if self.int_bits is not None and (self.format not in ("int4", "int8") or not 2 <= self.int_bits <= 8):
+        if self.int_bits is not None and (self.format not in INT_FORMATS or not 2 <= self.int_bits <= 8):
             raise ValueError(f"int_bits must be 2..8 with an int format, got {self.int_bits!r} with {self.format!r}")
 
     @property
@@ -65,7 +66,7 @@ class QuantSpec:
     @property
     def weight_topk(self) -> int:
         """Outliers kept exact in weight groups: none for the integer min-max path, as for activations otherwise."""
-        return 0 if self.format in ("int4", "int8") else self.topk
+        return 0 if self.format in INT_FORMATS else self.topk
 
 
 def _grouped(x: torch.Tensor, group_size: int, pad: Literal["zeros", "replicate"]) -> tuple[torch.Tensor, int]:
@@ -128,7 +129,7 @@ TABLE_GRIDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def grid_fn(fmt: QuantFormat, bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The rounding function of a symmetric format, acting on values normalised to [-1, 1]."""
-    if fmt in ("int4", "int8"):
+    if fmt in INT_FORMATS:
         return _int_grid(bits)
     if fmt in TABLE_GRIDS:
         return TABLE_GRIDS[fmt]
@@ -164,7 +165,7 @@ def quantize_absmax(x: torch.Tensor, fmt: QuantFormat, group_size: int, topk: in
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    if spec.format in ("int4", "int8"):
+    if spec.format in INT_FORMATS:
         return quantize_minmax(w, spec.bits, spec.group_size)
     return quantize_absmax(w, spec.format, spec.group_size, spec.weight_topk, spec.bits)
 
