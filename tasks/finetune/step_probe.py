@@ -11,7 +11,8 @@ may be bound by how their kernels share it rather than by arithmetic. This probe
 ``many`` starts that many processes, each building its trial and warming up alone; they then time `--steps` training
 steps together from a common start, and one scoring pass over the evaluation examples per `--eval-batch` size, again
 from a common start: the summed rates are what the GPU gives trials that share it. `--compile on|off` overrides the
-preset's `compile` (its decoder layers compiled, `tasks.finetune.model.compile_layers`); warm-up steps include the
+preset's `compile` (its decoder layers compiled, `tasks.finetune.model.compile_layers`) and `--matmul-precision` its
+`matmul_precision` (float32 matmuls, the LoRA adapters', on TF32 tensor cores or not); warm-up steps include the
 compilation. CUDA only; the scores themselves are not reported.
 """
 
@@ -30,14 +31,15 @@ from typing import Any
 import torch
 
 WARMUP = 5
+TOP_KERNELS = 12  # `one`: the kernels that take the most device time, by name
 
 
-def make_trial(preset: str, optimizer: str, seed: int, compile_model: bool | None) -> Any:
-    """The preset's trial on the GPU (`compile_model` None: as the preset compiles), warmed up by `WARMUP` steps."""
+def make_trial(preset: str, optimizer: str, seed: int, overrides: dict[str, Any]) -> Any:
+    """The preset's trial with config `overrides` on the GPU, warmed up by `WARMUP` steps."""
     from tasks.finetune.task import FinetuneTask
     from tasks.finetune.training import FinetuneTrial
 
-    cfg = FinetuneTask().config(preset, {} if compile_model is None else {"compile": compile_model})
+    cfg = FinetuneTask().config(preset, overrides)
     trial = FinetuneTrial.create(cfg, optimizer, {}, seed=seed, device="cuda")
     for _ in range(WARMUP):
         trial.train_step()
@@ -72,12 +74,13 @@ def score_rate(trial: Any, batch_size: int) -> tuple[float, float, float]:
     return sum(len(r) for r in encoded) / (end - start), start, end
 
 
-def one(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool | None) -> dict[str, Any]:
+def one(preset: str, optimizer: str, steps: int, batches: list[int], overrides: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     started = time.perf_counter()
-    trial = make_trial(preset, optimizer, 0, compile_model)
-    out: dict[str, Any] = {"preset": preset, "opt": optimizer, "compile": trial.cfg.compile,
+    trial = make_trial(preset, optimizer, 0, overrides)
+    out: dict[str, Any] = {"preset": preset, "opt": optimizer, "overrides": overrides, "compile": trial.cfg.compile,
+                           "matmul_precision": trial.cfg.matmul_precision,
                            "setup_and_warmup_s": time.perf_counter() - started,
                            "examples_per_s": train_rate(trial, steps)[0]}
     profiled = 5
@@ -88,6 +91,12 @@ def one(preset: str, optimizer: str, steps: int, batches: list[int], compile_mod
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     out["kernels_per_step"] = len(kernels) / profiled
     out["kernel_ms_per_step"] = sum(e.device_time for e in kernels) / profiled / 1e3
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:80], []).append(e.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:TOP_KERNELS]
+    out["top_kernels"] = [{"name": name, "per_step": len(t) / profiled, "ms_per_step": sum(t) / profiled / 1e3}
+                          for name, t in top]
     out["ms_per_step"] = trial.cfg.examples_per_step / out["examples_per_s"] * 1e3
     for b in batches:
         out[f"rows_per_s_eval{b}"] = score_rate(trial, b)[0]
@@ -109,9 +118,9 @@ def _wait(barrier: str, phase: str, me: int, processes: int) -> None:
         time.sleep(0.05)
 
 
-def worker(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool | None, barrier: str,
+def worker(preset: str, optimizer: str, steps: int, batches: list[int], overrides: dict[str, Any], barrier: str,
            processes: int, me: int) -> dict[str, Any]:
-    trial = make_trial(preset, optimizer, me, compile_model)
+    trial = make_trial(preset, optimizer, me, overrides)
     _wait(barrier, "train", me, processes)
     out: dict[str, Any] = {"me": me, "compile": trial.cfg.compile, "train": train_rate(trial, steps)}
     for b in batches:
@@ -121,19 +130,19 @@ def worker(preset: str, optimizer: str, steps: int, batches: list[int], compile_
 
 
 def many(processes: int, preset: str, optimizer: str, steps: int, batches: list[int],
-         compile_model: bool | None) -> dict[str, Any]:
+         overrides: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     name = __spec__.name if __spec__ else __name__
     with tempfile.TemporaryDirectory() as barrier:
         procs = [subprocess.Popen([sys.executable, "-m", name, "worker", "--preset", preset, "--optimizer", optimizer,
                                    "--steps", str(steps), "--eval-batch", ",".join(map(str, batches)),
-                                   "--barrier", barrier, "--processes", str(processes), "--me", str(i)]
-                                  + ([] if compile_model is None else ["--compile", "on" if compile_model else "off"]),
+                                   "--barrier", barrier, "--processes", str(processes), "--me", str(i),
+                                   "--overrides", json.dumps(overrides)],
                                   stdout=subprocess.PIPE, text=True) for i in range(processes)]
         rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
-    out: dict[str, Any] = {"processes": processes, "preset": preset, "opt": optimizer, "compile": rows[0]["compile"],
-                           "train_examples": summed([r["train"] for r in rows])}
+    out: dict[str, Any] = {"processes": processes, "preset": preset, "opt": optimizer, "overrides": overrides,
+                           "compile": rows[0]["compile"], "train_examples": summed([r["train"] for r in rows])}
     for b in batches:
         out[f"eval{b}_rows"] = summed([r[f"eval{b}"] for r in rows])
     out["total_s"] = time.perf_counter() - started
@@ -149,20 +158,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-batch", default="64", help="comma-separated scoring batch sizes")
     parser.add_argument("--compile", choices=("on", "off"), help="compile the decoder layers or not (default: as the "
                         "preset does)")
+    parser.add_argument("--matmul-precision", choices=("highest", "high"),
+                        help="float32 matmuls in full float32 or on TF32 (default: as the preset does)")
     parser.add_argument("--processes", type=int, default=6, help="`many`: processes sharing the GPU")
     parser.add_argument("--barrier", help=argparse.SUPPRESS)
     parser.add_argument("--me", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.exit(2, "step_probe measures a CUDA GPU and none is visible here\n")
     batches = [int(b) for b in args.eval_batch.split(",") if b]
-    compile_model = None if args.compile is None else args.compile == "on"
-    if args.what == "one":
-        out = one(args.preset, args.optimizer, args.steps, batches, compile_model)
-    elif args.what == "many":
-        out = many(args.processes, args.preset, args.optimizer, args.steps, batches, compile_model)
+    if args.overrides is not None:  # a `many` worker: its parent's overrides
+        overrides: dict[str, Any] = json.loads(args.overrides)
     else:
-        out = worker(args.preset, args.optimizer, args.steps, batches, compile_model, args.barrier, args.processes,
+        overrides = {} if args.compile is None else {"compile": args.compile == "on"}
+        if args.matmul_precision is not None:
+            overrides["matmul_precision"] = args.matmul_precision
+    if args.what == "one":
+        out = one(args.preset, args.optimizer, args.steps, batches, overrides)
+    elif args.what == "many":
+        out = many(args.processes, args.preset, args.optimizer, args.steps, batches, overrides)
+    else:
+        out = worker(args.preset, args.optimizer, args.steps, batches, overrides, args.barrier, args.processes,
                      args.me)
     print(json.dumps(out))
     return out
