@@ -55,10 +55,6 @@ class FinetuneConfig(TaskConfig):
         "fp32", description="bf16: model weights and gradients in bf16 (LoRA adapters stay fp32, peft's default)"
     )
 
-    matmul_precision: Literal["highest", "high"] = Field(
-        "highest", description="float32 matmuls on CUDA (torch.set_float32_matmul_precision): 'highest' in full "
-        "float32 (torch's default), 'high' on TF32 tensor cores; in a bf16 LoRA trial they are the adapters' (full "
-        "fine-tuning in bf16 has none)")
     # data
     datasets: list[SetName] = Field(default_factory=lambda: ["arc_e", "piqa"], min_length=1)
     data_source: DataSource = Field(
@@ -167,7 +163,7 @@ _FOURTEEN_PER_GPU: dict[str, Any] = {"gpu_fraction": 0.0714}
 # step of SmolLM2 is ~6.8k small kernels and 200 ms of host time for 38 ms of GPU work on an H200
 # (results/perf/h200_finetune_mps.json); 256 rows a scoring forward, since a forward's fixed cost is most of a
 # 64-row one (400 rows/s at 64 rows, 1191 at 256, same file).
-_MINI_RUN: dict[str, Any] = {"eval_every": 310, "eval_batch_size": 256, "compile": True, "matmul_precision": "high"}
+_MINI_RUN: dict[str, Any] = {"eval_every": 310, "eval_batch_size": 256, "compile": True}
 
 # SPAM's fine-tuning model and data: LLaMA-2 7B on the 8 commonsense sets from the hub.
 _PAPER_7B: dict[str, Any] = {

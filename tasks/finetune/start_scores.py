@@ -34,7 +34,7 @@ VERSION = 1  # of the scores: raise it when scoring changes, so that stored scor
 # the config fields that decide the model as loaded and scored, and the evaluation examples
 KEY_FIELDS = frozenset({
     "model", "revision", "gguf_file", "tokenizer", "method", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "precision", "matmul_precision", "max_len", "eval_batch_size", "compile",
+    "lora_target_modules", "precision", "max_len", "eval_batch_size", "compile",
     "datasets", "data_source", "data_paths", "hub_ids", "allow_fallback", "packaged_train_fraction",
     "max_eval_examples",
 })

@@ -11,8 +11,7 @@ may be bound by how their kernels share it rather than by arithmetic. This probe
 ``many`` starts that many processes, each building its trial and warming up alone; they then time `--steps` training
 steps together from a common start, and one scoring pass over the evaluation examples per `--eval-batch` size, again
 from a common start: the summed rates are what the GPU gives trials that share it. `--compile on|off` overrides the
-preset's `compile` (its decoder layers compiled, `tasks.finetune.model.compile_layers`) and `--matmul-precision` its
-`matmul_precision` (float32 matmuls, the LoRA adapters', on TF32 tensor cores or not); warm-up steps include the
+preset's `compile` (its decoder layers compiled, `tasks.finetune.model.compile_layers`); warm-up steps include the
 compilation. CUDA only; the scores themselves are not reported.
 """
 
@@ -80,7 +79,6 @@ def one(preset: str, optimizer: str, steps: int, batches: list[int], overrides: 
     started = time.perf_counter()
     trial = make_trial(preset, optimizer, 0, overrides)
     out: dict[str, Any] = {"preset": preset, "opt": optimizer, "overrides": overrides, "compile": trial.cfg.compile,
-                           "matmul_precision": trial.cfg.matmul_precision,
                            "setup_and_warmup_s": time.perf_counter() - started,
                            "examples_per_s": train_rate(trial, steps)[0]}
     profiled = 5
@@ -158,8 +156,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-batch", default="64", help="comma-separated scoring batch sizes")
     parser.add_argument("--compile", choices=("on", "off"), help="compile the decoder layers or not (default: as the "
                         "preset does)")
-    parser.add_argument("--matmul-precision", choices=("highest", "high"),
-                        help="float32 matmuls in full float32 or on TF32 (default: as the preset does)")
     parser.add_argument("--processes", type=int, default=6, help="`many`: processes sharing the GPU")
     parser.add_argument("--barrier", help=argparse.SUPPRESS)
     parser.add_argument("--me", type=int, help=argparse.SUPPRESS)
@@ -172,8 +168,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides: dict[str, Any] = json.loads(args.overrides)
     else:
         overrides = {} if args.compile is None else {"compile": args.compile == "on"}
-        if args.matmul_precision is not None:
-            overrides["matmul_precision"] = args.matmul_precision
     if args.what == "one":
         out = one(args.preset, args.optimizer, args.steps, batches, overrides)
     elif args.what == "many":

@@ -119,9 +119,10 @@ class FinetuneTrial:
     def create(cls, cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], seed: int,
                device: torch.device | str = "cpu") -> FinetuneTrial:
         device = torch.device(device)
-        # The setting is the process's: set for every trial, since a reused worker may have run a trial that set it
-        # otherwise (the LLaMA task runs TF32). CPU trials keep full float32.
-        torch.set_float32_matmul_precision(cfg.matmul_precision if device.type == "cuda" else "highest")
+        # float32 matmuls (a bf16 LoRA trial's adapters) in full float32, torch's default. The setting is the
+        # process's, and a reused worker may have run a LLaMA trial, which sets TF32. TF32 here was measured and not
+        # taken: the mini table took no less time on a fresh H200 (results/mini/finetune_tf32.json).
+        torch.set_float32_matmul_precision("highest")
         sets = load_sets(list(cfg.datasets), cfg.data_source, cfg.data_paths, cfg.hub_ids, cfg.allow_fallback,
                          cfg.packaged_train_fraction, cfg.max_train_examples, cfg.max_eval_examples)
         loaded = load_base(cfg, seed)

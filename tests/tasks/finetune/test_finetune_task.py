@@ -227,15 +227,12 @@ def test_config_errors(make_config: Callable) -> None:
         make_config("smoke", datasets=["mmlu"])
 
 
-def test_each_trial_sets_the_float32_matmul_precision_a_worker_may_have_left_otherwise(make_config: Callable) -> None:
-    """The precision is the process's: a reused Ray worker that ran a LLaMA trial (TF32 on CUDA) must not pass it on.
-    On the CPU a trial runs full float32 whatever its `matmul_precision`, which chooses TF32 on CUDA only."""
+def test_each_trial_sets_full_float32_matmuls_a_worker_may_have_left_at_tf32(make_config: Callable) -> None:
+    """The precision is the process's: a reused Ray worker that ran a LLaMA trial (TF32 on CUDA) must not pass it on."""
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")  # as a LLaMA trial on a GPU leaves it
-        FinetuneTrial.create(make_config("smoke", matmul_precision="high"), "adamw", {}, seed=0)
+        FinetuneTrial.create(make_config("smoke"), "adamw", {}, seed=0)
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(before)
-    assert FinetuneTask().config("mini").matmul_precision == "high"
-    assert FinetuneTask().config("paper").matmul_precision == "highest"  # torch's default
