@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import fcntl
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tasks.finetune.first_step import first_step, marks_dir
 from tasks.finetune.start_scores import key_of
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.tasks.finetune.processes import start_together
 
 # A trial process in miniature: says it is ready, waits for the others, then takes a one-second "first step".
 CHILD = """
@@ -41,14 +36,7 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_one_compiles_alone_and_the_others_step_together_after_it(tmp_path: Path) -> None:
-    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                                 text=True) for _ in range(3)]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("ready.*"))) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    steps = [json.loads(child.communicate(timeout=120)[0]) for child in children]
-    assert all(child.returncode == 0 for child in children)
+    steps = start_together(CHILD, tmp_path, 3)
     first = [s for s in steps if s["how"] == "first"]
     after = [s for s in steps if s["how"] == "after another"]
     assert len(first) == 1 and len(after) == 2, steps
