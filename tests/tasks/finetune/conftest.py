@@ -55,4 +55,3 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The smoke preset as it ships, with AdamW, run once for the tests that only read its results."""
     ctx = LocalContext(seed=0, device="cpu", workdir=Path(tmp_path_factory.mktemp("finetune-smoke")))
     return _run(_config("smoke", quick=False), ctx=ctx)
-
