@@ -7,7 +7,8 @@ may be bound by how their kernels share it rather than by arithmetic. This probe
     python -m tasks.finetune.step_probe one --preset mini --steps 40
     python -m tasks.finetune.step_probe many --processes 6 --preset mini --steps 60 --eval-batch 64,256
 
-``one`` times `--steps` steps after a warm-up and profiles five more (kernels a step and their summed device time).
+``one`` times `--steps` steps after a warm-up and profiles five more (kernels a step, their summed device time and
+the kernels that take the most of it, by name).
 ``many`` starts that many processes, each building its trial and warming up alone; they then time `--steps` training
 steps together from a common start, and one scoring pass over the evaluation examples per `--eval-batch` size, again
 from a common start: the summed rates are what the GPU gives trials that share it. `--compile on|off` overrides the
@@ -33,12 +34,12 @@ WARMUP = 5
 TOP_KERNELS = 12  # `one`: the kernels that take the most device time, by name
 
 
-def make_trial(preset: str, optimizer: str, seed: int, overrides: dict[str, Any]) -> Any:
-    """The preset's trial with config `overrides` on the GPU, warmed up by `WARMUP` steps."""
+def make_trial(preset: str, optimizer: str, seed: int, compile_model: bool | None) -> Any:
+    """The preset's trial on the GPU (`compile_model` None: as the preset compiles), warmed up by `WARMUP` steps."""
     from tasks.finetune.task import FinetuneTask
     from tasks.finetune.training import FinetuneTrial
 
-    cfg = FinetuneTask().config(preset, overrides)
+    cfg = FinetuneTask().config(preset, {} if compile_model is None else {"compile": compile_model})
     trial = FinetuneTrial.create(cfg, optimizer, {}, seed=seed, device="cuda")
     for _ in range(WARMUP):
         trial.train_step()
@@ -73,12 +74,12 @@ def score_rate(trial: Any, batch_size: int) -> tuple[float, float, float]:
     return sum(len(r) for r in encoded) / (end - start), start, end
 
 
-def one(preset: str, optimizer: str, steps: int, batches: list[int], overrides: dict[str, Any]) -> dict[str, Any]:
+def one(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool | None) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     started = time.perf_counter()
-    trial = make_trial(preset, optimizer, 0, overrides)
-    out: dict[str, Any] = {"preset": preset, "opt": optimizer, "overrides": overrides, "compile": trial.cfg.compile,
+    trial = make_trial(preset, optimizer, 0, compile_model)
+    out: dict[str, Any] = {"preset": preset, "opt": optimizer, "compile": trial.cfg.compile,
                            "setup_and_warmup_s": time.perf_counter() - started,
                            "examples_per_s": train_rate(trial, steps)[0]}
     profiled = 5
@@ -116,9 +117,9 @@ def _wait(barrier: str, phase: str, me: int, processes: int) -> None:
         time.sleep(0.05)
 
 
-def worker(preset: str, optimizer: str, steps: int, batches: list[int], overrides: dict[str, Any], barrier: str,
+def worker(preset: str, optimizer: str, steps: int, batches: list[int], compile_model: bool | None, barrier: str,
            processes: int, me: int) -> dict[str, Any]:
-    trial = make_trial(preset, optimizer, me, overrides)
+    trial = make_trial(preset, optimizer, me, compile_model)
     _wait(barrier, "train", me, processes)
     out: dict[str, Any] = {"me": me, "compile": trial.cfg.compile, "train": train_rate(trial, steps)}
     for b in batches:
@@ -128,19 +129,19 @@ def worker(preset: str, optimizer: str, steps: int, batches: list[int], override
 
 
 def many(processes: int, preset: str, optimizer: str, steps: int, batches: list[int],
-         overrides: dict[str, Any]) -> dict[str, Any]:
+         compile_model: bool | None) -> dict[str, Any]:
     started = time.perf_counter()
     name = __spec__.name if __spec__ else __name__
     with tempfile.TemporaryDirectory() as barrier:
         procs = [subprocess.Popen([sys.executable, "-m", name, "worker", "--preset", preset, "--optimizer", optimizer,
                                    "--steps", str(steps), "--eval-batch", ",".join(map(str, batches)),
-                                   "--barrier", barrier, "--processes", str(processes), "--me", str(i),
-                                   "--overrides", json.dumps(overrides)],
+                                   "--barrier", barrier, "--processes", str(processes), "--me", str(i)]
+                                  + ([] if compile_model is None else ["--compile", "on" if compile_model else "off"]),
                                   stdout=subprocess.PIPE, text=True) for i in range(processes)]
         rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
-    out: dict[str, Any] = {"processes": processes, "preset": preset, "opt": optimizer, "overrides": overrides,
-                           "compile": rows[0]["compile"], "train_examples": summed([r["train"] for r in rows])}
+    out: dict[str, Any] = {"processes": processes, "preset": preset, "opt": optimizer, "compile": rows[0]["compile"],
+                           "train_examples": summed([r["train"] for r in rows])}
     for b in batches:
         out[f"eval{b}_rows"] = summed([r[f"eval{b}"] for r in rows])
     out["total_s"] = time.perf_counter() - started
@@ -159,21 +160,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--processes", type=int, default=6, help="`many`: processes sharing the GPU")
     parser.add_argument("--barrier", help=argparse.SUPPRESS)
     parser.add_argument("--me", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.exit(2, "step_probe measures a CUDA GPU and none is visible here\n")
     batches = [int(b) for b in args.eval_batch.split(",") if b]
-    if args.overrides is not None:  # a `many` worker: its parent's overrides
-        overrides: dict[str, Any] = json.loads(args.overrides)
-    else:
-        overrides = {} if args.compile is None else {"compile": args.compile == "on"}
+    compile_model = None if args.compile is None else args.compile == "on"
     if args.what == "one":
-        out = one(args.preset, args.optimizer, args.steps, batches, overrides)
+        out = one(args.preset, args.optimizer, args.steps, batches, compile_model)
     elif args.what == "many":
-        out = many(args.processes, args.preset, args.optimizer, args.steps, batches, overrides)
+        out = many(args.processes, args.preset, args.optimizer, args.steps, batches, compile_model)
     else:
-        out = worker(args.preset, args.optimizer, args.steps, batches, overrides, args.barrier, args.processes,
+        out = worker(args.preset, args.optimizer, args.steps, batches, compile_model, args.barrier, args.processes,
                      args.me)
     print(json.dumps(out))
     return out
