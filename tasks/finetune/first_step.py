@@ -103,13 +103,10 @@ def first_step(inputs: dict[str, Any], wait_s: float = WAIT_S) -> Iterator[First
             log.warning("compiled first step: another trial has held %s for %.0f s; compiling without waiting more",
                         lock.name, waited)
             how = "not waited"
-        elif done.exists():
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            how = "after another"
         else:
-            how = "first"
+            how = "after another" if done.exists() else "first"
         if how != "first":
-            lock.close()
+            lock.close()  # the others take their first step together
         yield FirstStep(how, waited)
         if how == "first":
             done.touch()
