@@ -26,24 +26,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
-from tasks.finetune.config import FinetuneConfig
+from tasks.finetune.config import MODEL_FIELDS, FinetuneConfig
 from tasks.finetune.start_scores import key_of
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # of the compiled code's identity: raise it when compile_layers changes what it compiles
-# the config fields that decide the compiled graphs (sizes are dynamic: the batch and the lengths do not)
-KEY_FIELDS = frozenset({
-    "model", "revision", "gguf_file", "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "precision",
-})
+# the config fields that decide the compiled graphs: the model's (sizes are dynamic: the batch and lengths do not)
+KEY_FIELDS = MODEL_FIELDS
 WAIT_S = 600.0  # alone, a mini LoRA trial compiled in ~50 s on an H200 (results/perf/h200_finetune_compile.json)
 POLL_S = 0.5
+How = Literal["first", "after another", "warm", "not waited"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class FirstStep:
     (it waited while another compiled), "warm" (another had, before it asked) or "not waited" (it gave up waiting
     after `WAIT_S`); `waited_s` is the time it waited for the lock."""
 
-    how: str
+    how: How
     waited_s: float
 
 
@@ -99,6 +97,7 @@ def first_step(inputs: dict[str, Any], wait_s: float = WAIT_S) -> Iterator[First
     with open(folder / f"{key}.lock", "a") as lock:  # closing the file lets the lock go
         taken = _lock(lock, wait_s)
         waited = time.monotonic() - started
+        how: How
         if not taken:
             log.warning("compiled first step: another trial has held %s for %.0f s; compiling without waiting more",
                         lock.name, waited)

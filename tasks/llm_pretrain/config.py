@@ -112,7 +112,8 @@ class LLMPretrainConfig(TaskConfig):
         if self.inject_nan_at is not None and self.inject_nan_at > self.steps:
             raise ValueError(f"inject_nan_at ({self.inject_nan_at}) is after the last step ({self.steps})")
         if self.quant_bits is not None and self.quant not in INT_FORMATS:
-            raise ValueError(f"quant_bits applies to the int formats (int4, int8), not to quant={self.quant!r}")
+            raise ValueError(f"quant_bits applies to the int formats ({', '.join(INT_FORMATS)}), not to "
+                             f"quant={self.quant!r}")
         if self.data_source == "offline" and self.c4_path:
             raise ValueError("c4_path is set but data_source is 'offline'")
         if self.compile == "cudagraphs" and (self.accumulation > 1 or self.workers > 1):
