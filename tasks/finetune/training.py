@@ -54,7 +54,6 @@ from tasks.base import (
 )
 from tasks.finetune.config import FinetuneConfig
 from tasks.finetune.data import SetData, load_sets
-from tasks.finetune.first_step import FirstStep, first_step, graph_identity
 from tasks.finetune.model import LoadedModel, apply_lora, compile_layers, load_base
 from tasks.finetune.scoring import Encoded, collate, continuation_logprobs, encode_pairs, score_examples
 from tasks.finetune.start_scores import identity, start_scores
@@ -115,7 +114,6 @@ class FinetuneTrial:
     nonfinite: list[str] = field(default_factory=list)  # the trainable tensors whose last gradient was not finite
     nonfinite_where: str = ""  # which micro-batches and rows of that step give it, found by replaying them
     skipped: int = 0  # steps not taken for a non-finite gradient or loss (`max_nonfinite_steps`)
-    first_compiled: FirstStep | None = None  # how this trial's first compiled step went (`tasks.finetune.first_step`)
 
     @classmethod
     def create(cls, cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], seed: int,
@@ -180,14 +178,7 @@ class FinetuneTrial:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (gradient accumulation over micro-batches); returns loss, lr, grad_norm, tokens. The
-        first of a compiled trial compiles its layers: one process of the machine at a time (`first_step`)."""
-        if self.cfg.compile and self.first_compiled is None:
-            with first_step(graph_identity(self.cfg, self.device)) as self.first_compiled:
-                return self._train_step()
-        return self._train_step()
-
-    def _train_step(self) -> dict[str, float]:
+        """One optimizer step (gradient accumulation over micro-batches); returns loss, lr, grad_norm, tokens."""
         self.model.train()
         idx = self.step_examples(self.step)
         micro = [idx[i : i + self.cfg.batch_size] for i in range(0, len(idx), self.cfg.batch_size)]
@@ -390,9 +381,6 @@ def train(cfg: FinetuneConfig, optimizer: str, hparams: dict[str, Any], ctx: Tri
             ctx.save_checkpoint({"step": step, "trial": trial.state_dict(), "before": before})
     if not final:  # resumed from the last step's checkpoint
         final = timed_eval(trial.evaluate)
-    if trial.first_compiled is not None:  # its wait for another trial's compilation is part of `train`
-        ctx.set_tags(first_compiled_step=trial.first_compiled.how)
-        seconds["first_step_wait"] = trial.first_compiled.waited_s
     ctx.report(step=trial.total_steps, **{f"time.{phase}_s": v for phase, v in seconds.items()})
     if cfg.save_model:
         out = ctx.artifact_dir / "model"

@@ -13,9 +13,7 @@ import optimizers
 from tasks.base import Diverged, LocalContext
 from tasks.finetune import FinetuneConfig, FinetuneTask
 from tasks.finetune.config import COMMONSENSE_8, OFFLINE_MODEL
-from tasks.finetune.first_step import graph_identity, marks_dir
 from tasks.finetune.model import estimate_params
-from tasks.finetune.start_scores import key_of
 from tasks.finetune.training import FinetuneTrial
 
 
@@ -37,17 +35,6 @@ def test_smoke_reports_accuracy_and_loss(smoke_run: tuple[dict[str, float], Loca
     assert "headline" in ctx.tags["scoring"]
     phases = {k: ctx.series(f"time.{k}_s") for k in ("setup", "train", "eval")}  # where the wall time went
     assert all(len(v) == 1 and v[0][0] == cfg.steps and v[0][1] > 0 for v in phases.values()), phases
-    assert "first_compiled_step" not in ctx.tags and not ctx.series("time.first_step_wait_s")  # eager
-
-
-@pytest.mark.slow
-def test_a_compiled_trial_reports_how_its_first_step_went(make_config: Callable, run_task: Callable,
-                                                          tmp_path: Path) -> None:
-    cfg = make_config("smoke-lora", compile=True, steps=2, eval_at_start=False, checkpoint_every=0)
-    _, ctx = run_task(cfg, ctx=LocalContext(seed=0, device="cpu", workdir=tmp_path / "first"))
-    assert ctx.tags["first_compiled_step"] in ("first", "warm") and ctx.series("time.first_step_wait_s")[0][1] < 1.0
-    _, ctx = run_task(cfg, ctx=LocalContext(seed=1, device="cpu", workdir=tmp_path / "second"))
-    assert ctx.tags["first_compiled_step"] == "warm" and ctx.series("time.first_step_wait_s") == [(2, 0.0)]
 
 
 def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
@@ -75,9 +62,7 @@ def test_registry_optimizer_is_the_one_stepping(make_config: Callable) -> None:
 @pytest.mark.slow
 def test_compiled_layers_train_and_score_as_eager(make_config: Callable) -> None:
     """`compile`: every decoder layer compiled in place (parameter names unchanged, so checkpoints load either way),
-    one graph for all of them and every batch shape; the same losses, gradients and scores as eager, to rounding.
-    Its first step goes through `first_step` (the first of that graph on this machine, or one after it), an eager
-    trial's does not."""
+    one graph for all of them and every batch shape; the same losses, gradients and scores as eager, to rounding."""
     cfg = make_config("smoke-lora", eval_at_start=False)
     torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator (a trial seeds it)
     eager = FinetuneTrial.create(cfg, "adamw", {}, seed=0)
@@ -88,11 +73,8 @@ def test_compiled_layers_train_and_score_as_eager(make_config: Callable) -> None
     assert list(compiled.trainable()) == list(eager.trainable())
     for _ in range(4):  # batches of different widths
         a, b = eager.train_step(), compiled.train_step()
-        assert compiled.first_compiled is not None and compiled.first_compiled.how in ("first", "warm")
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
                                                                                                      rel=1e-4)
-    assert eager.first_compiled is None
-    assert (marks_dir() / f"{key_of(graph_identity(compiled.cfg, compiled.device))}.done").exists()
     for name, p in compiled.trainable().items():
         assert torch.allclose(p, eager.trainable()[name], atol=1e-3), name  # Adam steps of lr 1e-2
     assert compiled.evaluate() == pytest.approx(eager.evaluate())
