@@ -186,7 +186,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-4,
         # A mini trial holds about 1.1 GB of GPU memory (four took 4.5 GB of an H200): it shares the GPU like a mini
         # LLaMA trial, instead of a quarter of it, which kept the LLaMA trials of the same run waiting
-        # (results/mini/README.md, forecasting section).
+        # (results/mini/README.md, forecasting section). Twenty at a time through MPS, a trial took 70 s against 65
+        # four at a time (results/mini/forecasting_share.json).
         "gpu_fraction": 0.05,
     },
     # Stable-SPAM's forecasting experiment: PatchTST on Weather, lookback 336, horizon 96, 100 epochs, MSE.
