@@ -82,11 +82,11 @@ def dispatch_order(specs: list[TrialSpec]) -> list[TrialSpec]:
     (results/mini/finetune_tf32.json); a BF16 mini LLaMA trial of a first wave compiled in 43 s, twenty at once, and
     in 2-5 s from the caches (results/mini/README.md). What the order saves a whole suite is not measured yet.
     """
-    firsts: dict[tuple[str, str], TrialSpec] = {}
-    for spec in specs:
-        firsts.setdefault((spec.task, json.dumps(spec.config, sort_keys=True, default=str)), spec)
-    first_keys = {id(s) for s in firsts.values()}
-    return list(firsts.values()) + [s for s in specs if id(s) not in first_keys]
+    firsts: dict[tuple[str, str], int] = {}
+    for i, spec in enumerate(specs):
+        firsts.setdefault((spec.task, json.dumps(spec.config, sort_keys=True, default=str)), i)
+    chosen = set(firsts.values())
+    return [specs[i] for i in firsts.values()] + [s for i, s in enumerate(specs) if i not in chosen]
 
 
 def trial_dir(key: str, run_id: str) -> Path:
