@@ -30,12 +30,6 @@ TINY_MODEL = "random:tiny-llama"
 COMMONSENSE_8 = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"]
 SetName = Literal["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa", "sciq", "copa", "csqa"]
 DataSource = Literal["auto", "local", "hub", "packaged"]
-# The config fields that decide the model as built: its weights, the method and adapters, the dtype (read by the keys
-# of what is derived from the model alone, tasks.finetune.start_scores).
-MODEL_FIELDS = frozenset({
-    "model", "revision", "gguf_file", "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "precision",
-})
 # The projections LoRA adapts in the commonsense-170k LoRA literature (LLM-Adapters, DoRA): q, k, v, up, down.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import transformers
 
-from tasks.finetune.config import MODEL_FIELDS
 from tasks.finetune.model import cache_dir
 
 if TYPE_CHECKING:
@@ -33,11 +32,12 @@ log = logging.getLogger(__name__)
 
 VERSION = 1  # of the scores: raise it when scoring changes, so that stored scores are not reused
 # the config fields that decide the model as loaded and scored, and the evaluation examples
-KEY_FIELDS = MODEL_FIELDS | {
-    "tokenizer", "max_len", "eval_batch_size", "compile",
+KEY_FIELDS = frozenset({
+    "model", "revision", "gguf_file", "tokenizer", "method", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "precision", "max_len", "eval_batch_size", "compile",
     "datasets", "data_source", "data_paths", "hub_ids", "allow_fallback", "packaged_train_fraction",
     "max_eval_examples",
-}
+})
 
 
 def _files(path: Path) -> list[tuple[str, int, int]]:

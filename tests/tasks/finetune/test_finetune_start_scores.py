@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +17,8 @@ from tasks.base import LocalContext
 from tasks.finetune.model import cache_dir, smollm2_tokenizer_dir, tiny_llama
 from tasks.finetune.start_scores import identity, key_of, start_scores
 from tasks.finetune.training import FinetuneTrial
-from tests.tasks.finetune.processes import start_together
 
+ROOT = Path(__file__).resolve().parents[3]
 STEP0 = ("acc", "acc_sum", "acc/arc_e", "acc_sum/arc_e", "acc/winogrande", "acc_sum/winogrande")
 
 # A trial process in miniature: imports, says it is ready, waits for the others, then asks for the scores.
@@ -51,7 +54,14 @@ def _stored() -> list[Path]:
 
 
 def test_concurrent_processes_compute_once(tmp_path: Path) -> None:
-    outputs = start_together(CHILD, tmp_path, 2)
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready.*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = [json.loads(child.communicate(timeout=120)[0]) for child in children]
+    assert all(child.returncode == 0 for child in children)
     assert len((tmp_path / "calls").read_text().split()) == 1  # one of them computed, the other waited and read
     key = key_of({"model": "shared"})
     assert sorted(origin for _, origin in outputs) == [f"cached {key}", "computed"]
