@@ -226,8 +226,13 @@ def _digest(texts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+def _safe(name: str, limit: int = 120) -> str:
+    """`name` as one file-name component: unsafe characters replaced, a long name cut with a digest of the whole
+    (a corpus of many sources names them all, past the file system's 255 bytes)."""
+    safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+    if len(safe) <= limit:
+        return safe
+    return f"{safe[:limit - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -244,7 +249,7 @@ class TokenizedDocs:
     def cached(cls, docs: list[str], tokenizer: TextTokenizer, key: str) -> TokenizedDocs:
         """Tokenized once per corpus content and tokenizer, under `cache_dir()/tokens` (memory-mapped)."""
         base = cache_dir() / "tokens" / _safe(f"{key}-{tokenizer.key}")
-        ids_path, off_path = base.with_suffix(".ids.npy"), base.with_suffix(".offsets.npy")
+        ids_path, off_path = (base.parent / f"{base.name}.{part}.npy" for part in ("ids", "offsets"))
         base.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(base) + ".lock"):  # concurrent trials wait for the one that tokenizes
             if not off_path.exists():
