@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from bench.estimate import COLD_START_S, wall_minutes, wall_total_minutes
 from bench.suite import load_trials
 
@@ -9,6 +13,14 @@ from bench.suite import load_trials
 # the launch of `bench run` to its end, twenty trials at a time with CUDA graphs (commit 7b416d4).
 MEASURED_MINUTES = 381 / 60
 MEASURED_TABLES = {"sensitivity_stable_spam", "sensitivity_spam", "spikes_adam", "qat_spam"}
+
+
+@pytest.fixture(autouse=True)
+def corpus_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No large corpus built, whatever this machine's cache holds: a LLaMA trial's key names its corpus's sources,
+    and the keys below are those of runs without it."""
+    monkeypatch.setenv("BENCH_CORPUS_DIR", str(tmp_path))
+    return tmp_path
 
 
 def test_wall_time_has_per_table_subtotals_within_20_percent_of_the_measured_run() -> None:
@@ -101,3 +113,30 @@ def test_llama_through_mps_within_20_percent_of_a_run_it_was_not_derived_from() 
     _, trials = load_trials("mini", only={"llm_pretrain_4bit", "llm_pretrain_4bit_components"})
     assert len({t.key for t in trials}) == 51
     assert abs(wall_total_minutes(trials, mps=True) * 60 - 316) <= 0.2 * 316
+
+
+# results/mini/suite_wall_check.json: every table but RL (315 trials) on a fresh H200 through MPS with the large corpus
+# built, stopped 623 s after the launch by the session's device time; suite_wall_check_trials.csv gives each trial's
+# end.
+SUITE_CHECK_AT_S = 600.0
+
+
+def test_whole_suite_within_20_percent_of_the_trials_a_whole_suite_run_finished(corpus_dir: Path) -> None:
+    """The trials that run had finished by 600 s: the dry-run puts their end (the start, then their GPU time) within
+    20% of 600 s, with most of the suite still to run."""
+    import csv
+
+    from tasks.llm_pretrain.corpora import SOURCE_NAMES
+
+    for name in SOURCE_NAMES:  # the run's keys: every source of the large corpus built
+        (corpus_dir / f"{name}.jsonl.gz").touch()
+    path = Path(__file__).parents[2] / "results" / "mini" / "suite_wall_check_trials.csv"
+    with path.open() as f:
+        done = {r["trial_key"] for r in csv.DictReader(f)
+                if r["status"] == "FINISHED" and float(r["end_s_since_launch"]) <= SUITE_CHECK_AT_S}
+    _, trials = load_trials("mini")
+    trials = [t for t in trials if t.table != "rl_mujoco_ppo"]
+    ran = [t for t in trials if t.key in done]
+    assert len({t.key for t in ran}) == len(done) > 100
+    assert abs(wall_total_minutes(ran, mps=True) * 60 - SUITE_CHECK_AT_S) <= 0.2 * SUITE_CHECK_AT_S
+    assert wall_total_minutes(trials, mps=True) * 60 > 2 * SUITE_CHECK_AT_S  # the rest was still to run
