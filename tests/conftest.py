@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ os.environ.update(OFFLINE)
 # which a test module importing transformers or torch._dynamo may do long before the fused tests run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests run on the default offline corpus, as CI does, whatever this machine has built: the large corpus
+# (`setup.sh --corpus large`) would change every LLaMA trial's data and key, and take minutes to tokenize. The folder
+# is never created; a test that builds a corpus points BENCH_CORPUS_DIR at its own.
+os.environ["BENCH_CORPUS_DIR"] = str(Path(tempfile.gettempdir()) / f"bench-tests-{os.getpid()}-no-large-corpus")
 
 
 class Bench:

@@ -15,14 +15,6 @@ MEASURED_MINUTES = 381 / 60
 MEASURED_TABLES = {"sensitivity_stable_spam", "sensitivity_spam", "spikes_adam", "qat_spam"}
 
 
-@pytest.fixture(autouse=True)
-def corpus_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No large corpus built, whatever this machine's cache holds: a LLaMA trial's key names its corpus's sources,
-    and the keys below are those of runs without it."""
-    monkeypatch.setenv("BENCH_CORPUS_DIR", str(tmp_path))
-    return tmp_path
-
-
 def test_wall_time_has_per_table_subtotals_within_20_percent_of_the_measured_run() -> None:
     _, trials = load_trials("mini", only=MEASURED_TABLES)
     parts = wall_minutes(trials)
@@ -121,15 +113,17 @@ def test_llama_through_mps_within_20_percent_of_a_run_it_was_not_derived_from() 
 SUITE_CHECK_AT_S = 600.0
 
 
-def test_whole_suite_within_20_percent_of_the_trials_a_whole_suite_run_finished(corpus_dir: Path) -> None:
+def test_whole_suite_within_20_percent_of_the_trials_a_whole_suite_run_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The trials that run had finished by 600 s: the dry-run puts their end (the start, then their GPU time) within
     20% of 600 s, with most of the suite still to run."""
     import csv
 
     from tasks.llm_pretrain.corpora import SOURCE_NAMES
 
-    for name in SOURCE_NAMES:  # the run's keys: every source of the large corpus built
-        (corpus_dir / f"{name}.jsonl.gz").touch()
+    monkeypatch.setenv("BENCH_CORPUS_DIR", str(tmp_path))
+    for name in SOURCE_NAMES:  # the run's keys: a LLaMA trial's key names its corpus's sources, all of them built
+        (tmp_path / f"{name}.jsonl.gz").touch()
     path = Path(__file__).parents[2] / "results" / "mini" / "suite_wall_check_trials.csv"
     with path.open() as f:
         done = {r["trial_key"] for r in csv.DictReader(f)
