@@ -21,7 +21,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The tests run on the default offline corpus, as CI does, whatever this machine has built: the large corpus
 # (`setup.sh --corpus large`) would change every LLaMA trial's data and key, and take minutes to tokenize. The folder
-# is never created; a test that builds a corpus points BENCH_CORPUS_DIR at its own.
+# is never created; a test that builds a corpus points BENCH_CORPUS_DIR at its own, and the tests of the built corpus
+# back at this machine's own (`built_corpus`).
+MACHINE_CORPUS_DIR = os.environ.get("BENCH_CORPUS_DIR")
 os.environ["BENCH_CORPUS_DIR"] = str(Path(tempfile.gettempdir()) / f"bench-tests-{os.getpid()}-no-large-corpus")
 
 
@@ -46,6 +48,15 @@ class Bench:
 def cache_dir() -> Path:
     """Tokenizers and prepared text are cached across tests (and across runs) in one place."""
     return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))
+
+
+@pytest.fixture
+def built_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The large corpus this machine has built, if any (its default place unless BENCH_CORPUS_DIR named another)."""
+    if MACHINE_CORPUS_DIR is None:
+        monkeypatch.delenv("BENCH_CORPUS_DIR")
+    else:
+        monkeypatch.setenv("BENCH_CORPUS_DIR", MACHINE_CORPUS_DIR)
 
 
 @pytest.fixture

@@ -145,6 +145,7 @@ def test_setup_refuses_an_unknown_corpus_size() -> None:
 
 
 @pytest.mark.parametrize("name", corpora.SOURCE_NAMES)
+@pytest.mark.usefixtures("built_corpus")
 def test_built_source_is_clean_english(name: str) -> None:
     root = corpora.installed_root(name)
     if root is None:
