@@ -111,15 +111,20 @@ def test_tokenized_corpus_is_cached_once(packed: data.Corpus, tokenizer: data.Te
         list(itertools.islice(packed.train_tokens(tokenizer)(0), 1))[0].tolist()  # seeded order
 
 
-def test_token_cache_of_a_corpus_of_many_sources(tokenizer: data.TextTokenizer) -> None:
-    """The large corpus names its twelve sources in its key: the cache file's name stays under the file system's 255
-    bytes, and keys that differ only past the cut get files of their own."""
-    names = "+".join(["offline_wikipedia", "scientific-python-docs", "tool-manuals", "dictionaries"] * 6)
+@pytest.mark.parametrize("prefix", [
+    "+".join(["offline_wikipedia", "scientific-python-docs", "tool-manuals", "dictionaries"] * 6),  # past 255 bytes
+    "c4_local_shards.v2",  # a dot: the part after it is part of the name
+])
+def test_token_cache_keys_that_differ_late_get_files_of_their_own(
+        prefix: str, tokenizer: data.TextTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The large corpus names its fourteen sources in its key: the cache files' names stay under the file system's
+    255 bytes, and keys that differ only past the cut, or only after a dot, get files of their own."""
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
     docs = ["The quick brown fox jumps over the lazy dog.", "A second document, with other words in it."]
-    first = data.TokenizedDocs.cached(docs, tokenizer, f"many:{names}+a.b-whole-1234")
-    second = data.TokenizedDocs.cached(docs[:1], tokenizer, f"many:{names}+a.b-whole-5678")
-    files = sorted(p.name for p in (tasks.base.cache_dir() / "tokens").glob("many_*.npy"))
-    assert len(files) == 4 and all(len(f) < 160 for f in files)
+    first = data.TokenizedDocs.cached(docs, tokenizer, f"{prefix}-whole-1234")
+    second = data.TokenizedDocs.cached(docs[:1], tokenizer, f"{prefix}-whole-5678")
+    files = sorted(p.name for p in (tmp_path / "tokens").glob("*.npy"))
+    assert len(files) == 4 and all(len(f) < 160 for f in files), files
     assert len(first) == 2 and len(second) == 1
     assert list(first.ids[first.offsets[0] : first.offsets[1]]) == list(second.ids)
 
