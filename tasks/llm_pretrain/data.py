@@ -232,7 +232,8 @@ def _safe(name: str, limit: int = 120) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
     if len(safe) <= limit:
         return safe
-    return f"{safe[:limit - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    digest = _digest([name])
+    return f"{safe[:limit - len(digest) - 1]}-{digest}"
 
 
 @dataclass
