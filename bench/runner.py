@@ -80,9 +80,8 @@ def dispatch_order(specs: list[TrialSpec]) -> list[TrialSpec]:
     and a table's trials, when their turn comes, start warm instead of all paying it at once with the GPU idle. On an
     H200, fourteen LoRA trials compiling together took ~160 s for their first ten steps and a later one 18 s
     (results/mini/finetune_tf32.json); a BF16 mini LLaMA trial of a first wave compiled in 43 s, twenty at once, and
-    in 2-5 s from the caches (results/mini/README.md). In the first ten minutes of a whole-suite run the fine-tuning
-    trials after the first two took 80-84 s (full) and 257 s (LoRA) against 111 s and 344 s before
-    (results/mini/suite_wall_check.json); what it saves the whole suite is not measured yet.
+    in 2-5 s from the caches (results/mini/README.md). In a whole-suite run the fine-tuning trials after the first two
+    took 89-130 s (full) and 164-270 s (LoRA) against 111 s and 344 s before (results/mini/suite_wall.json).
     """
     firsts: dict[tuple[str, str], int] = {}
     for i, spec in enumerate(specs):

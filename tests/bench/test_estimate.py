@@ -107,16 +107,14 @@ def test_llama_through_mps_within_20_percent_of_a_run_it_was_not_derived_from() 
     assert abs(wall_total_minutes(trials, mps=True) * 60 - 316) <= 0.2 * 316
 
 
-# results/mini/suite_wall_check.json: every table but RL (315 trials) on a fresh H200 through MPS with the large corpus
-# built, stopped 623 s after the launch by the session's device time; suite_wall_check_trials.csv gives each trial's
-# end.
-SUITE_CHECK_AT_S = 600.0
+# results/mini/suite_wall.json: every table but RL (315 trials) on a fresh H200 through MPS with the large corpus built,
+# 1431 s from the launch of `bench run` to its end; suite_wall_trials.csv lists the trials it finished.
+SUITE_WALL_S = 1431.0
 
 
-def test_whole_suite_within_20_percent_of_the_trials_a_whole_suite_run_finished(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The trials that run had finished by 600 s: the dry-run puts their end (the start, then their GPU time) within
-    20% of 600 s, with most of the suite still to run."""
+def test_whole_suite_within_20_percent_of_a_whole_suite_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dry-run of every table but RL lists exactly the trials that run finished and puts their wall time through
+    MPS within 20% of its 1431 s; time-sliced, it counts more than 20% longer."""
     import csv
 
     from tasks.llm_pretrain.corpora import SOURCE_NAMES
@@ -124,13 +122,11 @@ def test_whole_suite_within_20_percent_of_the_trials_a_whole_suite_run_finished(
     monkeypatch.setenv("BENCH_CORPUS_DIR", str(tmp_path))
     for name in SOURCE_NAMES:  # the run's keys: a LLaMA trial's key names its corpus's sources, all of them built
         (tmp_path / f"{name}.jsonl.gz").touch()
-    path = Path(__file__).parents[2] / "results" / "mini" / "suite_wall_check_trials.csv"
+    path = Path(__file__).parents[2] / "results" / "mini" / "suite_wall_trials.csv"
     with path.open() as f:
-        done = {r["trial_key"] for r in csv.DictReader(f)
-                if r["status"] == "FINISHED" and float(r["end_s_since_launch"]) <= SUITE_CHECK_AT_S}
+        done = {r["trial_key"] for r in csv.DictReader(f) if r["status"] == "FINISHED"}
     _, trials = load_trials("mini")
     trials = [t for t in trials if t.table != "rl_mujoco_ppo"]
-    ran = [t for t in trials if t.key in done]
-    assert len({t.key for t in ran}) == len(done) > 100
-    assert abs(wall_total_minutes(ran, mps=True) * 60 - SUITE_CHECK_AT_S) <= 0.2 * SUITE_CHECK_AT_S
-    assert wall_total_minutes(trials, mps=True) * 60 > 2 * SUITE_CHECK_AT_S  # the rest was still to run
+    assert {t.key for t in trials} == done
+    assert abs(wall_total_minutes(trials, mps=True) * 60 - SUITE_WALL_S) <= 0.2 * SUITE_WALL_S
+    assert wall_total_minutes(trials, mps=False) * 60 > 1.2 * SUITE_WALL_S  # time-sliced would not have fitted
