@@ -60,5 +60,18 @@ def built_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def large_corpus_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaMA trial keys as on a machine with the large corpus built: a key names its corpus's sources, so
+    BENCH_CORPUS_DIR points at an empty file for each of them (enough for the keys, not for training)."""
+    from tasks.llm_pretrain.corpora import SOURCE_NAMES
+
+    corpus = tmp_path / "built-corpus"
+    corpus.mkdir()
+    monkeypatch.setenv("BENCH_CORPUS_DIR", str(corpus))
+    for name in SOURCE_NAMES:
+        (corpus / f"{name}.jsonl.gz").touch()
+
+
+@pytest.fixture
 def bench(tmp_path: Path) -> Bench:
     return Bench(tmp_path)

@@ -16,14 +16,8 @@ LARGE_CORPUS = Path(__file__).parents[2] / "results" / "mini" / "large_corpus"
 TABLES = {"llm_pretrain_bf16", "llm_pretrain_4bit", "qat_spam", "finetune_commonsense"}
 
 
-def test_committed_large_corpus_tables_match_their_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.llm_pretrain.corpora import SOURCE_NAMES
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    monkeypatch.setenv("BENCH_CORPUS_DIR", str(corpus))
-    for name in SOURCE_NAMES:  # the run's keys: a LLaMA trial's key names its corpus's sources, all of them built
-        (corpus / f"{name}.jsonl.gz").touch()
+@pytest.mark.usefixtures("large_corpus_keys")  # the run's keys
+def test_committed_large_corpus_tables_match_their_store(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
     with lzma.open(LARGE_CORPUS / "suite_store.db.xz") as src, db.open("wb") as dst:
         shutil.copyfileobj(src, dst)

@@ -112,16 +112,12 @@ def test_llama_through_mps_within_20_percent_of_a_run_it_was_not_derived_from() 
 SUITE_WALL_S = 1431.0
 
 
-def test_whole_suite_within_20_percent_of_a_whole_suite_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("large_corpus_keys")  # the run's keys
+def test_whole_suite_within_20_percent_of_a_whole_suite_run() -> None:
     """The dry-run of the trials that run finished (every table but RL, each of them a trial of the suite) puts their
     wall time through MPS within 20% of its 1431 s; time-sliced, it counts more than 20% longer."""
     import csv
 
-    from tasks.llm_pretrain.corpora import SOURCE_NAMES
-
-    monkeypatch.setenv("BENCH_CORPUS_DIR", str(tmp_path))
-    for name in SOURCE_NAMES:  # the run's keys: a LLaMA trial's key names its corpus's sources, all of them built
-        (tmp_path / f"{name}.jsonl.gz").touch()
     path = Path(__file__).parents[2] / "results" / "mini" / "suite_wall_trials.csv"
     with path.open() as f:
         done = {r["trial_key"] for r in csv.DictReader(f) if r["status"] == "FINISHED"}
